@@ -1,0 +1,3 @@
+from sdxl_trainer.main import main
+
+raise SystemExit(main())
