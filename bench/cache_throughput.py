@@ -150,7 +150,8 @@ def write_synthetic_cache(cache_dir: Path, items: int, texts: int, per_shard: in
             cache_module.ManifestItem(
                 position=i,
                 latent_key=key,
-                text_key=text_keys[caption_row],
+                text_keys=(text_keys[caption_row],),
+                texts=(f"caption {caption_row}",),
                 caption=f"caption {caption_row}",
                 tags=tuple(rng.sample(vocabulary, 8)),
                 source=f"/datasets/synthetic/folder_{i // 1000:03d}/image_{i:07d}.png",

@@ -13,8 +13,11 @@ from sdxl_trainer.data.buckets import (
     Bucket,
     BucketBatchSampler,
     assign_bucket,
+    assign_bucket_no_upscale,
+    bucket_summary,
     bucket_table,
     crop_geometry,
+    format_bucket_summary,
     format_bucket_table,
     generate_buckets,
     prepare_image,
@@ -104,6 +107,47 @@ def test_bucket_table_and_format():
     table = bucket_table(items)
     assert table == [(Bucket(192, 320), 1), (Bucket(256, 256), 3)]
     assert format_bucket_table(table).splitlines() == ["    192x320 : 1 image", "    256x256 : 3 images"]
+
+
+def test_no_upscale_bucket_is_never_larger_than_the_image():
+    buckets = generate_buckets(1024)
+    max_area = max(b.width * b.height for b in buckets)
+    rng = random.Random(0)
+    sizes = [(rng.randint(64, 3000), rng.randint(64, 3000)) for _ in range(500)]
+    sizes = [(w, h) for w, h in sizes if max(w, h) / min(w, h) <= 4] + [(512, 512), (700, 1300), (1024, 1024)]
+    own_size = 0
+    for width, height in sizes:
+        bucket = assign_bucket_no_upscale(width, height, buckets, 64)
+        assert bucket.width <= width and bucket.height <= height, (width, height, bucket)
+        assert bucket.width % 64 == 0 and bucket.height % 64 == 0
+        assert bucket.width * bucket.height <= max_area
+        standard = assign_bucket(width, height, buckets)
+        if width >= standard.width and height >= standard.height:
+            assert bucket == standard  # large enough: the usual bucket, downscaled as always
+        else:
+            own_size += 1
+            assert width - bucket.width < 64 or bucket.width * bucket.height > 0.9 * max_area
+    assert own_size > 50
+    assert assign_bucket_no_upscale(512, 512, buckets, 64) == Bucket(512, 512)
+    assert assign_bucket_no_upscale(700, 1300, buckets, 64) == Bucket(640, 1280)
+    assert assign_bucket_no_upscale(40, 200, buckets, 64) == Bucket(64, 192)  # a side below one step
+
+
+def test_bucket_summary_counts_images_and_items():
+    per_image = [Bucket(256, 256), Bucket(256, 256), Bucket(192, 320)]
+    summary = bucket_summary(per_image, [3, 1, 2])
+    assert summary["images"] == 3 and summary["items"] == 6
+    assert [(row["resolution"], row["images"], row["items"]) for row in summary["buckets"]] == [
+        ("192x320", 1, 2),
+        ("256x256", 2, 4),
+    ]
+    assert json.loads(json.dumps(summary)) == summary
+    assert format_bucket_summary(summary).splitlines() == [
+        "    192x320 : 1 image, 2 items",
+        "    256x256 : 2 images, 4 items",
+    ]
+    with pytest.raises(ValueError):
+        bucket_summary(per_image, [1])
 
 
 # ----------------------------------------------------------------------------- sampler

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 import subprocess
 import sys
 import textwrap
@@ -15,8 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_trainer.data.buckets import generate_buckets, prepare_image
+from sdxl_trainer.data.buckets import (
+    Bucket,
+    BucketBatchSampler,
+    assign_bucket,
+    crop_geometry,
+    generate_buckets,
+    prepare_image,
+)
 from sdxl_trainer.data.cache import (
+    BUCKET_TABLE_NAME,
     INDEX_NAME,
     CacheCorruptError,
     CachedDataset,
@@ -25,7 +34,14 @@ from sdxl_trainer.data.cache import (
     merge_rank_indexes,
     module_identity,
 )
-from sdxl_trainer.data.dataset import load_image_rgb, scan_folder
+from sdxl_trainer.data.dataset import (
+    CaptionAugment,
+    DataSource,
+    caption_variants,
+    load_image_rgb,
+    scan_folder,
+    scan_sources,
+)
 from sdxl_trainer.models.conditioning import encode_prompts
 from sdxl_trainer.models.tiny import build_tiny_components
 
@@ -369,3 +385,187 @@ def test_ranks_with_a_barrier_are_merged_by_rank_zero(components, records, tmp_p
     merged = json.loads((cache_dir / "report.json").read_text())
     assert (merged["cached"], merged["items"]) == (7, 7)
     _read_all(CachedDataset(cache_dir))
+
+
+# ----------------------------------------------------------------------------- repeats, captions, buckets
+
+
+def _epoch_counts(dataset: CachedDataset, epoch: int = 0) -> Counter:
+    """How often each image (manifest row) is drawn in one sampler epoch."""
+    sampler = BucketBatchSampler(dataset.bucket_ids, batch_size=2, seed=0)
+    sampler.set_epoch(epoch)
+    return Counter(dataset.image_of(i) for batch in sampler for i in batch)
+
+
+def test_repeat_folder_item_appears_three_times_and_is_encoded_once(components, tmp_path):
+    _write_images(tmp_path / "data" / "3_x", IMAGES[:2])
+    _write_images(tmp_path / "data" / "plain", IMAGES[6:7])
+    records = scan_folder(tmp_path / "data", folder_repeats=True).records
+    assert [r.repeats for r in records] == [3, 3, 1]
+    report = _build(components, records, tmp_path / "cache")
+    assert (report.cached, report.text_encoded, report.items, report.epoch_items) == (3, 2, 3, 7)
+    assert len(load_index(tmp_path / "cache").latent_keys) == 3  # each image stored once
+
+    dataset = CachedDataset(tmp_path / "cache")
+    assert (len(dataset), dataset.num_images, dataset.repeats) == (7, 3, [3, 3, 1])
+    for epoch in (0, 1):
+        assert _epoch_counts(dataset, epoch) == {0: 3, 1: 3, 2: 1}
+    copies = [i for i in range(len(dataset)) if dataset.image_of(i) == 0]
+    first, second = dataset[copies[0]], dataset[copies[1]]
+    torch.testing.assert_close(first["prompt_embeds"], second["prompt_embeds"], rtol=0, atol=0)
+    assert not torch.equal(first["latents"], second["latents"])  # each copy draws its own noise
+    assert dataset.source(copies[2]) == str(records[0].path)
+
+    table = json.loads((tmp_path / "cache" / BUCKET_TABLE_NAME).read_text())
+    assert (table["images"], table["items"]) == (3, 7)
+    assert {row["resolution"]: (row["images"], row["items"]) for row in table["buckets"]} == {
+        "48x80": (1, 1),
+        "64x64": (1, 3),
+        "80x48": (1, 3),
+    }
+    assert _build(components, records, tmp_path / "cache").cached == 0
+
+
+def test_two_sources_with_different_repeats(components, tmp_path):
+    _write_images(tmp_path / "one", IMAGES[:2])
+    _write_images(tmp_path / "two", (IMAGES[2], IMAGES[6]))  # other pixels than "one"
+    scan = scan_sources([DataSource(tmp_path / "one", repeats=2), DataSource(tmp_path / "two", repeats=5)])
+    report = _build(components, scan.records, tmp_path / "cache")
+    assert (report.cached, report.epoch_items) == (4, 14)
+    dataset = CachedDataset(tmp_path / "cache")
+    assert dataset.repeats == [2, 2, 5, 5] and len(dataset) == 14
+    assert _epoch_counts(dataset) == {0: 2, 1: 2, 2: 5, 3: 5}
+    assert dataset.captions == ["red circle"] * 9 + ["green circle"] * 5
+
+
+TAGGED = (
+    (64, 64, "red, circle, blue, square, green"),
+    (100, 60, "red, circle, blue, square, green"),
+    (60, 100, "blue, square, green"),
+)
+
+
+def test_caption_variants_are_cached_and_picked_per_seed_epoch_index(components, tmp_path):
+    records = scan_folder(_write_images(tmp_path / "data", TAGGED)).records
+    augment = CaptionAugment(shuffle_tags=True, keep_tokens=1, variants=4)
+    report = _build(components, records, tmp_path / "cache", caption_augment=augment)
+    variant_texts = {text for record in records for text in caption_variants(record.tags, augment)}
+    assert report.text_encoded == len(variant_texts) > 2  # de-duplicated by text, not one per image
+    assert len(load_index(tmp_path / "cache").text_keys) == len(variant_texts)
+
+    dataset = CachedDataset(tmp_path / "cache", seed=5)
+    assert dataset.num_variants == 4 and dataset.captions[0] == records[0].caption
+    encoders = ((components.tokenizer, components.tokenizer_2), (components.text_encoder, components.text_encoder_2))
+    for epoch in (0, 3):
+        dataset.set_epoch(epoch)
+        for i, record in enumerate(records):
+            item = dataset[i]
+            text = caption_variants(record.tags, augment)[item["caption_variant"]]
+            assert text.split(", ")[0] == record.tags[0]
+            with torch.no_grad():
+                expected = encode_prompts([text], *encoders)
+            torch.testing.assert_close(item["prompt_embeds"], expected.prompt_embeds[0], rtol=1e-5, atol=1e-6)
+
+    # Resume: a fresh dataset at the same (seed, epoch) picks the same variants; epochs differ.
+    choices = {(e, i): _choice(dataset, e, i) for e in range(40) for i in range(len(dataset))}
+    resumed = CachedDataset(tmp_path / "cache", seed=0)
+    resumed.load_state_dict({"seed": 5, "epoch": 7})
+    assert resumed.text_choice(1) == choices[(7, 1)]
+    assert all(_choice(resumed, e, i) == c for (e, i), c in choices.items())
+    per_variant = Counter(variant for variant, _ in choices.values())
+    assert set(per_variant) == {0, 1, 2, 3} and min(per_variant.values()) >= 15  # ~30 each of 120
+    other_seed = CachedDataset(tmp_path / "cache", seed=6)
+    assert [_choice(other_seed, e, i) for (e, i) in choices] != list(choices.values())
+
+
+def _choice(dataset: CachedDataset, epoch: int, index: int) -> tuple[int, bool]:
+    dataset.set_epoch(epoch)
+    return dataset.text_choice(index)
+
+
+def test_caption_dropout_gives_zero_conditioning_at_the_right_rate(components, records, tmp_path):
+    _build(components, records[:3], tmp_path / "cache")
+    with pytest.raises(ValueError, match="caption_dropout"):
+        CachedDataset(tmp_path / "cache", caption_dropout=1.0)
+    dataset = CachedDataset(tmp_path / "cache", seed=1, caption_dropout=0.25)
+    draws = [_choice(dataset, epoch, i) for epoch in range(1000) for i in range(3)]
+    rate = sum(dropped for _, dropped in draws) / len(draws)
+    assert abs(rate - 0.25) < 0.03
+    assert all(variant == 0 for variant, _ in draws)  # no augmentation: one text per image
+    again = CachedDataset(tmp_path / "cache", seed=1, caption_dropout=0.25)
+    assert [_choice(again, epoch, i) for epoch in range(1000) for i in range(3)] == draws
+
+    epoch, i = next((e, i) for e in range(1000) for i in range(3) if draws[e * 3 + i][1])
+    dataset.set_epoch(epoch)
+    item = dataset[i]
+    assert item["caption_dropped"]
+    assert not item["prompt_embeds"].any() and not item["pooled_prompt_embeds"].any()
+    assert item["prompt_embeds"].shape == CachedDataset(tmp_path / "cache")[i]["prompt_embeds"].shape
+    kept_epoch = next(e for e in range(1000) if not draws[e * 3 + i][1])
+    dataset.set_epoch(kept_epoch)
+    assert dataset[i]["pooled_prompt_embeds"].abs().sum() > 0
+    plain = CachedDataset(tmp_path / "cache")
+    assert not any(_choice(plain, e, 0)[1] for e in range(200))
+
+
+def test_no_upscale_small_images_keep_their_own_size(components, tmp_path):
+    small = ((50, 40, "red circle"), (100, 60, "red circle"), (30, 70, "blue square"))
+    records = scan_folder(_write_images(tmp_path / "data", small)).records
+    report = _build(components, records, tmp_path / "cache", no_upscale=True, bucket_step=16)
+    dataset = CachedDataset(tmp_path / "cache")
+    for i, record in enumerate(records):
+        bucket = dataset.buckets[dataset.bucket_ids[i]]
+        assert bucket.width <= record.width and bucket.height <= record.height
+        time_ids = dataset[i]["time_ids"].tolist()
+        assert time_ids[0:2] == [record.height, record.width] and time_ids[4:6] == [bucket.height, bucket.width]
+    assert [dataset.buckets[b] for b in dataset.bucket_ids] == [Bucket(48, 32), Bucket(80, 48), Bucket(16, 64)]
+    assert report.bucket_counts == {"16x64": 1, "48x32": 1, "80x48": 1}
+    table = json.loads((tmp_path / "cache" / BUCKET_TABLE_NAME).read_text())
+    assert [row["resolution"] for row in table["buckets"]] == ["16x64", "48x32", "80x48"]
+    upscaled = _build(components, records, tmp_path / "default")  # without: every image to a 64^2 bucket
+    assert upscaled.bucket_counts == {"48x80": 1, "64x64": 1, "80x48": 1}
+
+
+class _FixedCrop:
+    """An rng stand-in for prepare_image that "draws" a given crop."""
+
+    def __init__(self, top: int, left: int) -> None:
+        self.values = [top, left]
+
+    def randint(self, low: int, high: int) -> int:
+        value = self.values.pop(0)
+        assert low <= value <= high
+        return value
+
+
+def test_random_crop_end_to_end(components, tmp_path):
+    sizes = ((100, 50, "red circle"), (50, 90, "red circle"), (64, 64, "blue square"))
+    records = scan_folder(_write_images(tmp_path / "data", sizes)).records
+    buckets = [assign_bucket(r.width, r.height, BUCKETS) for r in records]
+    geometries = [crop_geometry(r.width, r.height, b) for r, b in zip(records, buckets)]
+    spare = [g.resized_width - b.width + g.resized_height - b.height for g, b in zip(geometries, buckets)]
+    assert spare[0] > 0 and spare[1] > 0 and spare[2] == 0  # the third image has nothing to crop
+
+    crops_by_seed = {}
+    for seed in (0, 1, 2):
+        _build(components, records, tmp_path / f"cache{seed}", crop="random", seed=seed)
+        dataset = CachedDataset(tmp_path / f"cache{seed}")
+        crops_by_seed[seed] = [tuple(int(v) for v in dataset[i]["time_ids"][2:4]) for i in range(3)]
+        for i, record in enumerate(records):  # the cached latent is the crop the time ids name
+            bucket = dataset.buckets[dataset.bucket_ids[i]]
+            prepared, _, crop = prepare_image(load_image_rgb(record.path), bucket, "random", _FixedCrop(*crops_by_seed[seed][i]))
+            with torch.no_grad():
+                direct = components.vae.encode(_pixels(prepared)).latent_dist.mean[0]
+            scaled = direct * components.vae.config.scaling_factor
+            torch.testing.assert_close(dataset.latent_distribution(i)[0], scaled, rtol=1e-5, atol=1e-6)
+    assert len({tuple(crops) for crops in crops_by_seed.values()}) > 1  # the seed moves the crops
+
+    # Deterministic per (seed, image): rebuilding with seed 0 elsewhere draws the same crops.
+    _build(components, records, tmp_path / "again", crop="random", seed=0)
+    again = CachedDataset(tmp_path / "again")
+    assert [tuple(int(v) for v in again[i]["time_ids"][2:4]) for i in range(3)] == crops_by_seed[0]
+    # The key holds the drawn crop, not the seed: a seed change re-encodes only moved crops.
+    changed = _build(components, records, tmp_path / "again", crop="random", seed=1)
+    moved = sum(a != b for a, b in zip(crops_by_seed[0], crops_by_seed[1]))
+    assert 0 < moved < 3 and (changed.cached, changed.reused) == (moved, 3 - moved)
+    assert _build(components, records, tmp_path / "again", crop="center", seed=1).cached == 3

@@ -11,11 +11,16 @@ from PIL import Image
 
 from sdxl_trainer.data import dataset as dataset_module
 from sdxl_trainer.data.dataset import (
+    CaptionAugment,
     CaptionOptions,
     DatasetError,
+    DataSource,
+    caption_variants,
+    epoch_items,
     load_image_rgb,
     normalize_tags,
     scan_folder,
+    scan_sources,
 )
 
 
@@ -324,3 +329,103 @@ def test_load_image_rgb_applies_icc_profile(tmp_path):
     _noise(16, 16).save(tmp_path / "tagged.png", icc_profile=srgb)
     tagged = np.asarray(load_image_rgb(tmp_path / "tagged.png"), dtype=int)
     assert np.abs(tagged - np.asarray(_noise(16, 16), dtype=int)).max() <= 2
+
+
+# ----------------------------------------------------------------------------- sources and repeats
+
+
+def _repeats_by_name(records) -> dict[str, int]:
+    return {r.path.name: r.repeats for r in records}
+
+
+def test_kohya_repeat_folders_set_repeats(tmp_path):
+    _write(tmp_path, "3_x/a.png")
+    _write(tmp_path, "3_x/sub/b.png")
+    _write(tmp_path, "plain/c.png")
+    _write(tmp_path, "0_off/d.png")
+    _write(tmp_path, "deep/5_y/f.png")  # only top-level folders count
+    _write(tmp_path, "e.png")
+    result = scan_folder(tmp_path, folder_repeats=True)
+    assert _repeats_by_name(result.records) == {"a.png": 3, "b.png": 3, "c.png": 1, "f.png": 1, "e.png": 1}
+    assert "repeat count 0 in folder name 0_off" in _reasons(result)["d.png"]
+    assert epoch_items(result.records) == 9
+
+    plain = scan_folder(tmp_path)  # folder names mean nothing unless asked
+    assert set(_repeats_by_name(plain.records).values()) == {1} and len(plain.records) == 6
+    doubled = scan_folder(tmp_path, repeats=2, folder_repeats=True)
+    assert _repeats_by_name(doubled.records)["a.png"] == 6 and _repeats_by_name(doubled.records)["e.png"] == 2
+
+
+def test_two_sources_with_their_own_repeats(tmp_path):
+    _write(tmp_path / "one", "10_cat/a.png")
+    _write(tmp_path / "one", "b.png")
+    _write(tmp_path / "two", "c.png")
+    _write(tmp_path / "two", "4_dog/d.png")
+    result = scan_sources(
+        [DataSource(tmp_path / "one", repeats=2), DataSource(tmp_path / "two", repeats=3, folder_repeats=False)]
+    )
+    assert [r.path.name for r in result.records] == ["a.png", "b.png", "d.png", "c.png"]
+    assert _repeats_by_name(result.records) == {"a.png": 20, "b.png": 2, "d.png": 3, "c.png": 3}
+    assert epoch_items(result.records) == 28
+
+    with pytest.raises(ValueError, match="repeats"):
+        DataSource(tmp_path / "one", repeats=0)
+    with pytest.raises(DatasetError, match="no data sources"):
+        scan_sources([])
+    with pytest.raises(DatasetError, match="missing does not exist"):
+        scan_sources([DataSource(tmp_path / "one"), DataSource(tmp_path / "missing")])
+
+
+def test_config_sources_or_root_and_both_missing():
+    from sdxl_trainer.config import ConfigError, load_config
+
+    default = load_config(None)
+    assert [(s.root, s.repeats) for s in default.data.source_list()] == [("data/demo", 1)]
+    config = load_config(None, ["data.sources=[{root: a, repeats: 3}, {root: b, folder_repeats: false}]"])
+    assert config.data.root is None
+    assert [(s.root, s.repeats, s.folder_repeats) for s in config.data.source_list()] == [
+        ("a", 3, True),
+        ("b", 1, False),
+    ]
+    with pytest.raises(ConfigError, match="no data given: set data.root .* or data.sources"):
+        load_config(None, ["data.root=null"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(None, ["data.root=x", "data.sources=[{root: a}]"])
+    with pytest.raises(ConfigError, match="repeats"):
+        load_config(None, ["data.sources=[{root: a, repeats: 0}]"])
+
+
+# ----------------------------------------------------------------------------- caption variants
+
+TAGS = ("trigger", "style", *(f"tag {i}" for i in range(8)))
+
+
+def test_caption_variants_keep_tokens_fixed_and_deterministic():
+    assert caption_variants(TAGS, CaptionAugment(variants=5)) == (", ".join(TAGS),)  # nothing to vary
+
+    augment = CaptionAugment(shuffle_tags=True, keep_tokens=2, variants=8)
+    variants = caption_variants(TAGS, augment)
+    assert len(variants) == 8 and len(set(variants)) > 1
+    for text in variants:
+        tags = text.split(", ")
+        assert tags[:2] == ["trigger", "style"] and sorted(tags[2:]) == sorted(TAGS[2:])
+    assert caption_variants(TAGS, augment) == variants  # keyed by (caption, k): same every call
+    assert caption_variants(TAGS, CaptionAugment(shuffle_tags=True, keep_tokens=2, variants=3)) == variants[:3]
+    assert caption_variants(TAGS[:-1], augment) != variants[:9]
+
+    with pytest.raises(ValueError, match="tag_dropout"):
+        CaptionAugment(tag_dropout=1.0)
+    with pytest.raises(ValueError, match="keep_tokens"):
+        CaptionAugment(keep_tokens=-1)
+
+
+def test_tag_dropout_rate_spares_kept_tags():
+    tags = ("keep me", *(f"t{i}" for i in range(20)))
+    augment = CaptionAugment(tag_dropout=0.3, keep_tokens=1, variants=400)
+    variants = caption_variants(tags, augment)
+    kept = [text.split(", ") for text in variants]
+    assert all(parts[0] == "keep me" for parts in kept)
+    dropped = sum(20 - (len(parts) - 1) for parts in kept) / (20 * 400)
+    assert abs(dropped - 0.3) < 0.03
+    # Without shuffling the survivors keep their order.
+    assert all(parts[1:] == sorted(parts[1:], key=lambda t: int(t[1:])) for parts in kept)

@@ -27,8 +27,15 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = False
 
 
+class DataSourceConfig(_Section):
+    root: str = Field(description="folder of images with same-stem .txt captions (searched recursively), or metadata.jsonl at its root")
+    repeats: int = Field(1, ge=1, description="times each image appears per epoch (multiplied by N of an N_name folder); encoded once")
+    folder_repeats: bool = Field(True, description="kohya style: images under a top-level N_name subfolder (e.g. 10_cat) repeat N times")
+
+
 class DataConfig(_Section):
-    root: str = Field("data/demo", description="folder of images with same-stem .txt captions (searched recursively), or metadata.jsonl at its root")
+    root: str | None = Field("data/demo", description="single-source shorthand for sources: [{root: ...}]; leave unset (or null) when using sources")
+    sources: list[DataSourceConfig] = Field(default_factory=list, description="several folders, each {root, repeats, folder_repeats}; epoch length = sum of every image's repeats")
     resolution: int = Field(1024, ge=64, description="bucket area target: resolution**2 pixels")
     bucket_step: int = Field(64, ge=8)
     max_aspect_ratio: float = Field(4.0, ge=1.0)
@@ -39,6 +46,18 @@ class DataConfig(_Section):
     underscores_to_spaces: bool = True
     missing_caption: Literal["skip", "empty"] = "skip"
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share of images for validation loss")
+    no_upscale: bool = Field(False, description="images smaller than their bucket keep their own size rounded down to bucket_step multiples (extra buckets) instead of being upscaled")
+    shuffle_tags: bool = Field(False, description="shuffle comma-separated tags after the first keep_tokens (baked into cache.caption_variants cached variants)")
+    keep_tokens: int = Field(0, ge=0, description="the first N tags are never shuffled nor dropped (e.g. a trigger word)")
+    tag_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability that each tag after keep_tokens is left out (baked into cache.caption_variants cached variants)")
+    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a sample's whole text conditioning is zeros (the SDXL pipeline's unconditional input) for classifier-free guidance")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sources_replace_default_root(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("sources") and "root" not in data:
+            return {**data, "root": None}  # the default root is not an extra source
+        return data
 
     @model_validator(mode="after")
     def _resolution_on_grid(self) -> "DataConfig":
@@ -46,12 +65,25 @@ class DataConfig(_Section):
             raise ValueError(f"resolution {self.resolution} must be a multiple of bucket_step {self.bucket_step}")
         return self
 
+    @model_validator(mode="after")
+    def _one_kind_of_source(self) -> "DataConfig":
+        if self.sources and self.root:
+            raise ValueError("give data.root (one folder) or data.sources (a list of {root, repeats}), not both")
+        if not self.sources and not self.root:
+            raise ValueError("no data given: set data.root to a folder of images, or data.sources to a list of {root, repeats}")
+        return self
+
+    def source_list(self) -> list[DataSourceConfig]:
+        """data.sources, or data.root as the single source."""
+        return list(self.sources) if self.sources else [DataSourceConfig(root=self.root)]
+
 
 class CacheConfig(_Section):
     dir: str = Field("cache", description="where latents and text embeddings are cached")
     latent_mode: Literal["sample", "mean"] = "sample"
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(2, ge=0)
+    caption_variants: int = Field(8, ge=1, description="with data.shuffle_tags or data.tag_dropout: cached variants per caption (N x text entries and encode time; the model sees at most N orderings)")
 
 
 class ObjectiveSection(_Section):
@@ -76,6 +108,42 @@ class EMAConfig(_Section):
     warmup: bool = Field(True, description="use the EMA warm-up schedule (decay grows with steps)")
 
 
+# Memory presets for a full SDXL UNet fine-tune at 1024 px; a key the user sets wins over the
+# preset. Expected use is arithmetic on 2.57e9 UNet parameters, NOT measured on a GPU yet
+# (bench/gpu_sdxl.py measures it): see docs/memory.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "24gb": {"train.mixed_precision": "bf16", "model.gradient_checkpointing": True, "train.optimizer": "adafactor",
+             "train.fused_backward": True, "train.max_grad_norm": 0.0, "train.batch_size": 1},
+    "48gb": {"train.mixed_precision": "bf16", "model.gradient_checkpointing": True, "train.optimizer": "adamw8bit",
+             "train.batch_size": 2},
+    "80gb": {"train.mixed_precision": "bf16", "model.gradient_checkpointing": False, "train.optimizer": "adamw",
+             "train.batch_size": 2},
+}
+PRESET_DESCRIPTION = (
+    "sets memory options unless given explicitly (estimates, not measured): "
+    "24gb = bf16 + gradient checkpointing + adafactor + fused_backward + max_grad_norm 0 + batch 1 (~16-20 GB); "
+    "48gb = bf16 + gradient checkpointing + adamw8bit + batch 2 (~30-36 GB); "
+    "80gb = bf16 + adamw, no checkpointing, batch 2 (~60-75 GB)"
+)
+
+
+def apply_preset(tree: dict[str, Any]) -> dict[str, Any]:
+    """The raw config tree with train.preset's values filled in where the user gave no value."""
+    train = tree.get("train")
+    preset = train.get("preset", "none") if isinstance(train, dict) else "none"
+    values = PRESETS.get(preset) if isinstance(preset, str) else None
+    if not values:
+        return tree  # "none", or an unknown name that field validation reports
+    tree = dict(tree)
+    for dotted, value in values.items():
+        section, key = dotted.split(".")
+        node = tree.get(section, {})
+        if isinstance(node, dict) and key not in node:
+            tree[section] = {**node, key: value}
+    return tree
+
+
 class TrainConfig(_Section):
     max_steps: int = Field(500, ge=1)
     batch_size: int = Field(4, ge=1)
@@ -92,15 +160,40 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     log_every: int = Field(10, ge=1)
+    validate_every: int = Field(0, ge=0, description="held-out validation loss every N steps (0: every sample.every_n_steps); always at the end when data.validation_fraction > 0")
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
     keep_last_n: int = Field(2, ge=1)
     resume: str | None = Field(None, description="'latest' or a checkpoint path")
+    resume_force: bool = Field(False, description="resume even when the config changed what the saved state means (batch size, data, model, objective, seed)")
     ema: EMAConfig = Field(default_factory=EMAConfig)
+    preset: Literal["none", "24gb", "48gb", "80gb"] = Field("none", description=PRESET_DESCRIPTION)
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = Field("adamw", description="adamw; adamw8bit (bitsandbytes, CUDA only); adafactor (fixed lr, factored second moment, no momentum)")
+    full_bf16: bool = Field(False, description="bf16 UNet weights without fp32 master copies; AdamW update written back with stochastic rounding (needs mixed_precision bf16, optimizer adamw)")
+    fused_backward: bool = Field(False, description="step each parameter inside backward and free its gradient at once (one process; no accumulation; max_grad_norm must be 0)")
+    compile: bool = Field(False, description="torch.compile the UNet (first steps are slow while it compiles)")
+    noise_keying: Literal["rank", "sample"] = Field("rank", description="rank: one noise/timestep generator per process; sample: keyed by (seed, step, dataset index), so results do not depend on the number of processes")
 
     @model_validator(mode="after")
     def _warmup_within_run(self) -> "TrainConfig":
         if self.lr_warmup_steps > self.max_steps:
             raise ValueError(f"lr_warmup_steps {self.lr_warmup_steps} must not exceed max_steps {self.max_steps}")
+        return self
+
+    @model_validator(mode="after")
+    def _memory_options_compatible(self) -> "TrainConfig":
+        problems = []
+        if self.fused_backward and self.gradient_accumulation_steps > 1:
+            problems.append(f"fused_backward applies each update during backward, so it cannot accumulate gradients (gradient_accumulation_steps {self.gradient_accumulation_steps}); set one of them off")
+        if self.fused_backward and self.max_grad_norm > 0:
+            problems.append(f"fused_backward has no global gradient norm to clip (max_grad_norm {self.max_grad_norm}); set train.max_grad_norm=0 (adafactor still clips each update's RMS)")
+        if self.fused_backward and self.mixed_precision == "fp16":
+            problems.append("fused_backward cannot use fp16's gradient scaler (it must see every gradient before a step); use mixed_precision bf16")
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            problems.append(f"full_bf16 needs mixed_precision bf16 (got {self.mixed_precision})")
+        if self.full_bf16 and self.optimizer != "adamw":
+            problems.append(f"full_bf16 supports optimizer adamw only, the stochastic-rounding AdamW (got {self.optimizer})")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -156,9 +249,15 @@ class VAETrainConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = "runs/run"
+    export_single_file: bool = Field(False, description="also write final.safetensors: one SDXL file in the original layout (ComfyUI, A1111)")
 
 
 class Config(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        return apply_preset(data) if isinstance(data, dict) else data
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)

@@ -5,6 +5,10 @@ image goes to the bucket nearest in log aspect ratio, is resized to cover it and
 Sizes handed to SDXL's micro-conditioning are ``(height, width)`` like diffusers:
 ``original_size`` is the image before resizing, ``crop_top_left`` is ``(top, left)`` in the
 resized image.
+
+With ``no_upscale`` (:func:`assign_bucket_no_upscale`) an image smaller than its bucket keeps
+its own size instead, rounded down to multiples of ``step``: such images form extra buckets of
+their own sizes (see the bucket table), at the price of smaller, less full batches.
 """
 
 from __future__ import annotations
@@ -105,6 +109,26 @@ def assign_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:
     return min(buckets, key=lambda b: (abs(_log_aspect(b.width, b.height) - target), b))
 
 
+def assign_bucket_no_upscale(width: int, height: int, buckets: Sequence[Bucket], step: int) -> Bucket:
+    """Like :func:`assign_bucket`, but never upscales: an image that does not cover its nearest
+    bucket gets a bucket of its own size rounded down to multiples of ``step`` (first scaled
+    down to the largest bucket area when above it, keeping its aspect ratio).
+
+    The only upscale left: a side shorter than ``step`` is rounded up to one ``step``.
+    """
+    if step <= 0:
+        raise ValueError(f"step must be positive, got {step}")
+    bucket = assign_bucket(width, height, buckets)
+    if width >= bucket.width and height >= bucket.height:
+        return bucket
+    max_area = max(b.width * b.height for b in buckets)
+    scale = min(1.0, math.sqrt(max_area / (width * height)))
+    return Bucket(
+        max(step, math.floor(width * scale / step) * step),
+        max(step, math.floor(height * scale / step) * step),
+    )
+
+
 def crop_geometry(
     width: int, height: int, bucket: Bucket, crop: str = "center", rng: random.Random | None = None
 ) -> CropGeometry:
@@ -155,11 +179,46 @@ def bucket_table(bucket_per_item: Sequence[Bucket]) -> list[tuple[Bucket, int]]:
     return sorted(Counter(bucket_per_item).items())
 
 
-def format_bucket_table(table: Sequence[tuple[Bucket, int]]) -> str:
-    """Human-readable lines such as ``   256x256 : 123 images``."""
-    return "\n".join(
-        f"  {str(bucket):>9} : {count} image{'s' if count != 1 else ''}" for bucket, count in table
-    )
+def format_bucket_table(
+    table: Sequence[tuple[Bucket, int]], items: Sequence[int] | None = None
+) -> str:
+    """Human-readable lines such as ``   256x256 : 123 images``; with ``items`` (per row, e.g.
+    counting repeats) ``   256x256 : 123 images, 369 items``."""
+    lines = []
+    for row, (bucket, count) in enumerate(table):
+        line = f"  {str(bucket):>9} : {count} image{'s' if count != 1 else ''}"
+        if items is not None:
+            line += f", {items[row]} item{'s' if items[row] != 1 else ''}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def bucket_summary(bucket_per_image: Sequence[Bucket], repeats: Sequence[int]) -> dict:
+    """The bucket table as JSON-ready data: images and epoch items (images x repeats) per
+    resolution, sorted by bucket, with totals."""
+    if len(bucket_per_image) != len(repeats):
+        raise ValueError(f"{len(bucket_per_image)} buckets but {len(repeats)} repeat counts")
+    items: Counter[Bucket] = Counter()
+    for bucket, count in zip(bucket_per_image, repeats):
+        items[bucket] += int(count)
+    rows = [
+        {
+            "resolution": str(bucket),
+            "width": bucket.width,
+            "height": bucket.height,
+            "aspect_ratio": round(bucket.aspect_ratio, 4),
+            "images": images,
+            "items": items[bucket],
+        }
+        for bucket, images in bucket_table(bucket_per_image)
+    ]
+    return {"images": len(bucket_per_image), "items": sum(items.values()), "buckets": rows}
+
+
+def format_bucket_summary(summary: dict) -> str:
+    """:func:`format_bucket_table` lines for a :func:`bucket_summary`."""
+    table = [(Bucket(row["width"], row["height"]), row["images"]) for row in summary["buckets"]]
+    return format_bucket_table(table, [row["items"] for row in summary["buckets"]])
 
 
 class BucketBatchSampler:

@@ -10,9 +10,20 @@ A cache folder holds:
   shards' sizes and the source stat cache (path -> size, mtime_ns, sha256). Numpy columns in a
   safetensors file: opening 100k entries reads a few MB and builds no per-entry Python object.
   Rewritten atomically after every shard, so a killed build resumes from its last shard.
-- ``manifest.safetensors``: the dataset order (per item: latent key, text row, bucket, tags,
-  source path) and the text table (key, caption) of the current build.
-- ``report.json``: what the last build did.
+- ``manifest.safetensors``: the dataset order (per image: latent key, one text row per caption
+  variant, original caption row, repeats, bucket, tags, source path), the text table (key,
+  text) and the caption table of the current build. An image is stored and listed once; its
+  ``repeats`` expand it into that many dataset items when the manifest is read.
+- ``report.json``: what the last build did; ``bucket_table.json``: images and epoch items per
+  bucket resolution.
+
+Captions: without augmentation every image has one text entry (its caption). With tag
+shuffling/dropout it has ``caption_variants`` entries (see ``dataset.caption_variants``), one
+of which :class:`CachedDataset` picks per (seed, epoch, item). Caption dropout needs no entry:
+the dropped item's conditioning is all zeros, which is what diffusers' SDXL pipeline feeds as
+the unconditional input (``StableDiffusionXLPipeline.encode_prompt`` with
+``force_zeros_for_empty_prompt=True``, the default: ``negative_prompt_embeds =
+torch.zeros_like(prompt_embeds)`` and the same for the pooled embeddings).
 
 Multi-rank builds write ``index.rankRRR.safetensors``, ``manifest.rankRRR.safetensors`` and
 ``report.rankRRR.json``; ``merge_rank_indexes`` folds them into the files above.
@@ -44,8 +55,22 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sdxl_trainer.data.buckets import CROP_MODES, Bucket, assign_bucket, prepare_image
-from sdxl_trainer.data.dataset import ImageRecord, SkippedFile, load_image_rgb
+from sdxl_trainer.data.buckets import (
+    CROP_MODES,
+    Bucket,
+    assign_bucket,
+    assign_bucket_no_upscale,
+    bucket_summary,
+    crop_geometry,
+    prepare_image,
+)
+from sdxl_trainer.data.dataset import (
+    CaptionAugment,
+    ImageRecord,
+    SkippedFile,
+    caption_variants,
+    load_image_rgb,
+)
 from sdxl_trainer.models.conditioning import encode_prompts, time_ids
 
 # Bump when the meaning or layout of cached values changes: every key changes with it.
@@ -53,6 +78,7 @@ CACHE_FORMAT_VERSION = 1
 INDEX_NAME = "index.safetensors"
 MANIFEST_NAME = "manifest.safetensors"
 REPORT_NAME = "report.json"
+BUCKET_TABLE_NAME = "bucket_table.json"
 LATENT_MODES = ("sample", "mean")
 DEFAULT_SHARD_MAX_ENTRIES = 1024
 DEFAULT_SHARD_MAX_BYTES = 256 * 2**20
@@ -200,8 +226,18 @@ def text_identity(
 
 
 def latent_key(
-    content_hash: str, vae_id: str, bucket: Bucket, crop: str, latent_mode: str, seed: int
+    content_hash: str,
+    vae_id: str,
+    bucket: Bucket,
+    crop: str,
+    latent_mode: str,
+    crop_top_left: tuple[int, int] | None = None,
 ) -> str:
+    """The key of a latent entry. A center crop follows from the image and bucket; a random
+    crop is part of the key as the drawn ``crop_top_left`` (so seeds that draw the same crop,
+    e.g. for an image of its bucket's aspect ratio, share the entry)."""
+    if (crop == "random") != (crop_top_left is not None):
+        raise ValueError("crop_top_left must be given for crop='random', and only then")
     parts = [
         "latent",
         str(CACHE_FORMAT_VERSION),
@@ -211,8 +247,8 @@ def latent_key(
         crop,
         latent_mode,
     ]
-    if crop == "random":  # the crop position is drawn from the seed
-        parts.append(f"seed={seed}")
+    if crop_top_left is not None:
+        parts.append(f"crop={crop_top_left[0]},{crop_top_left[1]}")
     return _sha256_text("|".join(parts))
 
 
@@ -514,22 +550,33 @@ def _write_index(tables: _Tables, path: Path) -> None:
 
 @dataclass(frozen=True)
 class ManifestItem:
+    """One image of the build (listed `repeats` times per epoch by CachedDataset)."""
+
     position: int  # index of the record in the build's input
     latent_key: str
-    text_key: str
-    caption: str
+    text_keys: tuple[str, ...]  # one per caption variant (one when captions are not augmented)
+    texts: tuple[str, ...]  # the text each of text_keys encodes
+    caption: str  # the normalised caption the variants come from
     tags: tuple[str, ...]
     source: str
     bucket: tuple[int, int]  # (w, h)
+    repeats: int = 1
 
 
 def _write_manifest(path: Path, items: Sequence[ManifestItem], settings: dict[str, str]) -> None:
+    variant_counts = {len(item.text_keys) for item in items}
+    if len(variant_counts) > 1 or any(len(i.texts) != len(i.text_keys) for i in items):
+        raise ValueError(f"every manifest item needs the same number of text variants, got {variant_counts}")
+    variants = variant_counts.pop() if variant_counts else 1
     text_rows: dict[str, int] = {}
-    captions: list[str] = []
+    texts: list[str] = []
+    caption_rows: dict[str, int] = {}
     for item in items:
-        if item.text_key not in text_rows:
-            text_rows[item.text_key] = len(captions)
-            captions.append(item.caption)
+        for key, text in zip(item.text_keys, item.texts):
+            if key not in text_rows:
+                text_rows[key] = len(texts)
+                texts.append(text)
+        caption_rows.setdefault(item.caption, len(caption_rows))
     tag_ids: dict[str, int] = {}
     flat_tags: list[int] = []
     tag_offsets = np.zeros(len(items) + 1, dtype=np.int64)
@@ -537,12 +584,16 @@ def _write_manifest(path: Path, items: Sequence[ManifestItem], settings: dict[st
         flat_tags.extend(tag_ids.setdefault(tag, len(tag_ids)) for tag in item.tags)
         tag_offsets[i + 1] = len(flat_tags)
     source_blob, source_offsets = _pack_strings([item.source for item in items])
-    caption_blob, caption_offsets = _pack_strings(captions)
+    text_blob, text_offsets = _pack_strings(texts)
+    caption_blob, caption_offsets = _pack_strings(list(caption_rows))
     vocab_blob, vocab_offsets = _pack_strings(list(tag_ids))
+    item_text_rows = [[text_rows[key] for key in item.text_keys] for item in items]
     columns = {
         "item_position": np.asarray([item.position for item in items], dtype=np.int64),
         "item_latent_key": _keys_to_array([item.latent_key for item in items]),
-        "item_text_row": np.asarray([text_rows[item.text_key] for item in items], dtype=np.int32),
+        "item_text_rows": np.asarray(item_text_rows, dtype=np.int32).reshape(-1, variants),
+        "item_caption_row": np.asarray([caption_rows[item.caption] for item in items], dtype=np.int32),
+        "item_repeats": np.asarray([item.repeats for item in items], dtype=np.int32),
         "item_bucket": np.asarray([item.bucket for item in items], dtype=np.int32).reshape(-1, 2),
         "item_source": source_blob,
         "item_source_offsets": source_offsets,
@@ -551,8 +602,10 @@ def _write_manifest(path: Path, items: Sequence[ManifestItem], settings: dict[st
         "tag_vocab": vocab_blob,
         "tag_vocab_offsets": vocab_offsets,
         "text_key": _keys_to_array(list(text_rows)),
-        "text_caption": caption_blob,
-        "text_caption_offsets": caption_offsets,
+        "text_caption": text_blob,
+        "text_caption_offsets": text_offsets,
+        "caption": caption_blob,
+        "caption_offsets": caption_offsets,
     }
     _write_table(path, columns, settings)
 
@@ -561,7 +614,8 @@ def read_manifest(path: Path | str) -> tuple[list[ManifestItem], dict[str, str]]
     """All items of a manifest file as Python objects (for merging and inspection)."""
     columns, metadata = _read_table(Path(path))
     text_keys = [_key_hex(k) for k in _array_to_keys(columns["text_key"]).tolist()]
-    captions = _unpack_strings(columns["text_caption"], columns["text_caption_offsets"])
+    texts = _unpack_strings(columns["text_caption"], columns["text_caption_offsets"])
+    captions = _unpack_strings(columns["caption"], columns["caption_offsets"])
     vocab = _unpack_strings(columns["tag_vocab"], columns["tag_vocab_offsets"])
     sources = _unpack_strings(columns["item_source"], columns["item_source_offsets"])
     tag_offsets = columns["item_tag_offsets"].tolist()
@@ -570,17 +624,21 @@ def read_manifest(path: Path | str) -> tuple[list[ManifestItem], dict[str, str]]
         ManifestItem(
             position=position,
             latent_key=_key_hex(key),
-            text_key=text_keys[row],
-            caption=captions[row],
+            text_keys=tuple(text_keys[row] for row in rows),
+            texts=tuple(texts[row] for row in rows),
+            caption=captions[caption_row],
             tags=tuple(vocab[t] for t in tag_ids[tag_offsets[i] : tag_offsets[i + 1]]),
             source=sources[i],
             bucket=(bucket[0], bucket[1]),
+            repeats=repeats,
         )
-        for i, (position, key, row, bucket) in enumerate(
+        for i, (position, key, rows, caption_row, repeats, bucket) in enumerate(
             zip(
                 columns["item_position"].tolist(),
                 _array_to_keys(columns["item_latent_key"]).tolist(),
-                columns["item_text_row"].tolist(),
+                columns["item_text_rows"].tolist(),
+                columns["item_caption_row"].tolist(),
+                columns["item_repeats"].tolist(),
                 columns["item_bucket"].tolist(),
             )
         )
@@ -653,7 +711,8 @@ class CacheReport:
     text_encoded: int = 0
     text_reused: int = 0
     skipped: list[SkippedFile] = field(default_factory=list)
-    bucket_counts: dict[str, int] = field(default_factory=dict)  # "WxH" -> items
+    bucket_counts: dict[str, int] = field(default_factory=dict)  # "WxH" -> images
+    epoch_items: int = 0  # items per epoch: images x repeats
     corrupt_rebuilt: int = 0  # entries found damaged and encoded again
     corrupt_shards: dict[str, int] = field(default_factory=dict)  # shard -> damaged entries
     items: int = 0  # items in the manifest
@@ -677,6 +736,16 @@ def _bucket_counts(items: Iterable[ManifestItem]) -> dict[str, int]:
         name = f"{item.bucket[0]}x{item.bucket[1]}"
         counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def _record_items(report: CacheReport, items: Sequence[ManifestItem], cache_dir: Path | None) -> None:
+    """Fill the report's item counts; with `cache_dir`, write the bucket table there."""
+    report.items = len(items)
+    report.epoch_items = sum(item.repeats for item in items)
+    report.bucket_counts = _bucket_counts(items)
+    if cache_dir is not None:
+        summary = bucket_summary([Bucket(*item.bucket) for item in items], [item.repeats for item in items])
+        _atomic_write_bytes(cache_dir / BUCKET_TABLE_NAME, json.dumps(summary, indent=2).encode())
 
 
 # ----------------------------------------------------------------------------- building
@@ -875,6 +944,7 @@ class _DecodeJob:
     path: str
     bucket: tuple[int, int]  # (w, h)
     crop_seed: str
+    planned_crop: tuple[int, int] | None  # the random crop in the key (None for center crops)
 
 
 class _DecodeDataset(Dataset):
@@ -896,6 +966,12 @@ class _DecodeDataset(Dataset):
             prepared, original_size, crop_top_left = prepare_image(image, bucket, crop=self.crop, rng=rng)
         except _DECODE_ERRORS as error:
             return {"job": j, "error": f"cannot decode image: {type(error).__name__}: {error}"}
+        if job.planned_crop is not None and tuple(crop_top_left) != job.planned_crop:
+            return {
+                "job": j,
+                "error": f"decoded size {image.width}x{image.height} differs from the scanned size "
+                "(the file changed during the build); run the cache build again",
+            }
         pixels = torch.from_numpy(np.array(prepared, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         if tuple(pixels.shape) != (3, bucket.height, bucket.width):
             raise CacheError(
@@ -951,8 +1027,18 @@ def _place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dty
         module.to(dtype=dtype)
 
 
-def _unique_captions(records: Sequence[ImageRecord]) -> list[str]:
-    return list(dict.fromkeys(record.caption for record in records))
+def _record_texts(records: Sequence[ImageRecord], augment: CaptionAugment) -> list[tuple[str, ...]]:
+    """The texts to encode for each record: its caption, or its caption variants."""
+    if not augment.enabled:
+        return [(record.caption,) for record in records]
+    by_tags: dict[tuple[str, ...], tuple[str, ...]] = {}  # many images share a caption
+    texts = []
+    for record in records:
+        tags = tuple(record.tags)
+        if tags not in by_tags:
+            by_tags[tags] = caption_variants(tags, augment)
+        texts.append(by_tags[tags])
+    return texts
 
 
 class _Timings:
@@ -1053,13 +1139,22 @@ def build_cache(
     progress: bool = True,
     seed: int = 0,
     scan_skipped: Sequence[SkippedFile] = (),
+    no_upscale: bool = False,
+    bucket_step: int = 64,
+    caption_augment: CaptionAugment = CaptionAugment(),
 ) -> CacheReport:
     """Encode what is missing from the cache for `records` and write the manifest and report.
 
     Moves `vae` and `text_encoders` to `device`/`dtype` (eval mode). Rank `rank` encodes
-    records[rank::world_size] and every world_size-th distinct caption. With world_size > 1 and
-    a `barrier`, rank 0 merges the ranks' files after all have finished; without a barrier the
-    caller runs `merge_rank_indexes` once every rank is done. Returns this rank's report.
+    records[rank::world_size] and every world_size-th distinct text. Each record is encoded
+    once whatever its `repeats`. With `no_upscale`, images smaller than their bucket get a
+    bucket of their own size (`assign_bucket_no_upscale`, multiples of `bucket_step`). With
+    `caption_augment` enabled, each caption is encoded as `caption_augment.variants` variants.
+    A random `crop` is drawn per (seed, image content, bucket) and is part of the latent key.
+    The bucket table (images and items per resolution) goes to ``bucket_table.json``.
+    With world_size > 1 and a `barrier`, rank 0 merges the ranks' files after all have
+    finished; without a barrier the caller runs `merge_rank_indexes` once every rank is done.
+    Returns this rank's report.
     Reused entries are checksum-verified first unless `verify_existing` is False (that reads
     the whole cache once). `scan_skipped` (files the scan refused) go into rank 0's report.
     """
@@ -1105,17 +1200,29 @@ def build_cache(
             [os.fspath(records[p].path) for p in positions], known.sources.get, num_workers
         )
     own.sources.update(stats)
-    planned: list[tuple[int, str, Bucket]] = []  # (position, latent key, bucket)
-    for p in positions:
+    planned: list[tuple[int, str, Bucket, str, tuple[int, int] | None]] = []
+    for p in positions:  # (position, latent key, bucket, crop seed, random crop)
         record = records[p]
         stat = stats.get(os.fspath(record.path))
-        if stat is not None:
+        if stat is None:
+            continue
+        if no_upscale:
+            bucket = assign_bucket_no_upscale(record.width, record.height, buckets, bucket_step)
+        else:
             bucket = assign_bucket(record.width, record.height, buckets)
-            planned.append((p, latent_key(stat.sha256, vae_id, bucket, crop, latent_mode, seed), bucket))
-    owned_captions = {c: text_key(c, text_id) for c in _unique_captions(records)[rank::world_size]}
+        crop_seed = f"{seed}/{stat.sha256}/{bucket}"
+        drawn = None
+        if crop == "random":  # drawn here from the scanned size; the decoder repeats the draw
+            geometry = crop_geometry(record.width, record.height, bucket, crop, random.Random(crop_seed))
+            drawn = (geometry.top, geometry.left)
+        key = latent_key(stat.sha256, vae_id, bucket, crop, latent_mode, drawn)
+        planned.append((p, key, bucket, crop_seed, drawn))
+    record_texts = _record_texts(records, caption_augment)
+    unique_texts = list(dict.fromkeys(text for texts in record_texts for text in texts))
+    owned_captions = {c: text_key(c, text_id) for c in unique_texts[rank::world_size]}
     reusable = {
         key: (e.shard, _latent_names(key, e.has_std), e.crc)
-        for _, key, _ in planned
+        for _, key, _, _, _ in planned
         if (e := known.latents.get(key)) is not None
     }
     reusable.update(
@@ -1139,13 +1246,12 @@ def build_cache(
     report.corrupt_rebuilt = len(damaged)
 
     jobs: dict[str, _DecodeJob] = {}
-    for p, key, bucket in planned:
+    for p, key, bucket, crop_seed, drawn in planned:
         if key not in reusable or key in damaged:
             path = os.fspath(records[p].path)
-            crop_seed = f"{seed}/{stats[path].sha256}/{bucket}"
-            jobs.setdefault(key, _DecodeJob(key, path, (bucket.width, bucket.height), crop_seed))
+            jobs.setdefault(key, _DecodeJob(key, path, (bucket.width, bucket.height), crop_seed, drawn))
     job_list = list(jobs.values())
-    report.reused = len({key for _, key, _ in planned}) - len(job_list)
+    report.reused = len({key for _, key, _, _, _ in planned}) - len(job_list)
     texts = [(c, key) for c, key in owned_captions.items() if key not in reusable or key in damaged]
     report.text_reused = len(owned_captions) - len(texts)
     report.text_encoded = len(texts)
@@ -1172,7 +1278,7 @@ def build_cache(
 
     # Record: manifest in input order, final index, report; then remove what nothing references.
     items: list[ManifestItem] = []
-    for p, key, bucket in planned:
+    for p, key, bucket, _, _ in planned:
         record = records[p]
         if key in failed:
             report.skipped.append(SkippedFile(path=os.fspath(record.path), reason=failed[key]))
@@ -1181,11 +1287,13 @@ def build_cache(
             ManifestItem(
                 position=p,
                 latent_key=key,
-                text_key=text_key(record.caption, text_id),
+                text_keys=tuple(text_key(text, text_id) for text in record_texts[p]),
+                texts=record_texts[p],
                 caption=record.caption,
                 tags=tuple(record.tags),
                 source=os.fspath(record.path),
                 bucket=(bucket.width, bucket.height),
+                repeats=record.repeats,
             )
         )
     with timings("write"):
@@ -1195,10 +1303,11 @@ def build_cache(
             "latent_mode": latent_mode,
             "vae_identity": vae_id,
             "text_identity": text_id,
+            "no_upscale": str(no_upscale),
+            "caption_augment": caption_augment.describe(),
         }
         _write_manifest(files.manifest, items, settings)
-    report.items = len(items)
-    report.bucket_counts = _bucket_counts(items)
+    _record_items(report, items, cache_dir if world_size == 1 else None)
     timings.seconds["total"] = time.perf_counter() - started
     report.timings = {phase: round(seconds, 4) for phase, seconds in timings.seconds.items()}
     _atomic_write_bytes(files.report, json.dumps(report.to_json_dict(), indent=2).encode())
@@ -1220,7 +1329,7 @@ def build_cache(
 
 def _check_manifest_resolves(items: Iterable[ManifestItem], tables: _Tables, where: Path) -> None:
     for item in items:
-        if item.latent_key not in tables.latents or item.text_key not in tables.texts:
+        if item.latent_key not in tables.latents or any(k not in tables.texts for k in item.text_keys):
             raise CacheError(
                 f"{where} references an entry missing from the index (item {item.source}); "
                 "did every rank finish? run `sdxl-trainer cache CONFIG` again"
@@ -1264,8 +1373,7 @@ def merge_rank_indexes(cache_dir: Path | str, world_size: int) -> CacheReport:
     _check_manifest_resolves(items, tables, cache_dir / MANIFEST_NAME)
     _write_index(tables, cache_dir / INDEX_NAME)
     _write_manifest(cache_dir / MANIFEST_NAME, items, settings or {})
-    report.items = len(items)
-    report.bucket_counts = _bucket_counts(items)
+    _record_items(report, items, cache_dir)
     _atomic_write_bytes(cache_dir / REPORT_NAME, json.dumps(report.to_json_dict(), indent=2).encode())
     for partial in cache_dir.glob("*.rank*.*"):
         partial.unlink()
@@ -1303,7 +1411,9 @@ def _rows_of(table_keys: np.ndarray, wanted: np.ndarray, what: str, where: Path)
 
 _MANIFEST_TRAINING_COLUMNS = (
     "item_latent_key",
-    "item_text_row",
+    "item_text_rows",
+    "item_caption_row",
+    "item_repeats",
     "item_bucket",
     "item_source_offsets",
     "item_tag_offsets",
@@ -1311,9 +1421,10 @@ _MANIFEST_TRAINING_COLUMNS = (
     "tag_vocab",
     "tag_vocab_offsets",
     "text_key",
-    "text_caption",
-    "text_caption_offsets",
+    "caption",
+    "caption_offsets",
 )
+_TEXT_CHOICE_STREAM = 1  # keeps the caption draws independent of the latent-noise draws
 
 
 def _noise_seed(seed: int, epoch: int, index: int) -> int:
@@ -1321,19 +1432,38 @@ def _noise_seed(seed: int, epoch: int, index: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def _text_draws(seed: int, epoch: int, index: int) -> tuple[float, int]:
+    """(uniform in [0, 1) for caption dropout, uint32 for the variant choice) of one item."""
+    sequence = np.random.SeedSequence([seed, epoch, index, _TEXT_CHOICE_STREAM])
+    state = sequence.generate_state(2, dtype=np.uint32)
+    return int(state[0]) / 2**32, int(state[1])
+
+
 class CachedDataset(Dataset):
     """The cached training set: items in manifest order, tensors read memory-mapped on demand.
 
-    Opening reads the manifest and the index's entry columns only (numpy arrays, no per-item
-    Python objects). Item i's latent is mean + std * eps with eps drawn from a generator seeded by
-    (seed, epoch, i): identical across runs, workers and resumes. Call `set_epoch` before each
-    epoch's DataLoader iterator is created (as with DistributedSampler; persistent workers would
-    keep the old epoch).
+    An image with repeats r is r consecutive items (one cache entry). Opening reads the manifest
+    and the index's entry columns only (numpy arrays, no per-item Python objects). Everything
+    random about item i is drawn from (seed, epoch, i), so it is identical across runs, workers
+    and resumes: its latent is mean + std * eps; its text is one of its caption variants; with
+    probability `caption_dropout` its text conditioning (prompt and pooled embeddings) is all
+    zeros, the unconditional input of diffusers' SDXL pipeline (force_zeros_for_empty_prompt).
+    Call `set_epoch` before each epoch's DataLoader iterator is created (as with
+    DistributedSampler; persistent workers would keep the old epoch).
     """
 
-    def __init__(self, cache_dir: Path | str, seed: int = 0, max_open_shards: int = 8) -> None:
+    def __init__(
+        self,
+        cache_dir: Path | str,
+        seed: int = 0,
+        max_open_shards: int = 8,
+        caption_dropout: float = 0.0,
+    ) -> None:
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         self.cache_dir = Path(cache_dir)
         self.seed = seed
+        self.caption_dropout = caption_dropout
         self.epoch = 0
         manifest_path = self.cache_dir / MANIFEST_NAME
         if not manifest_path.is_file():
@@ -1343,6 +1473,11 @@ class CachedDataset(Dataset):
         manifest, settings = _read_table(manifest_path, _MANIFEST_TRAINING_COLUMNS)
         index = load_index(self.cache_dir)
         self.latent_mode = settings.get("latent_mode", "sample")
+        repeats = manifest["item_repeats"].astype(np.int64)
+        if len(repeats) and repeats.min() < 1:
+            raise CacheCorruptError(f"{manifest_path} lists an image with repeats < 1; {_REBUILD_HINT}")
+        # Item -> manifest row (image); repeats expand rows, never entries.
+        self._row = np.repeat(np.arange(len(repeats), dtype=np.int64), repeats)
 
         self._latent_keys = _array_to_keys(manifest["item_latent_key"])
         latent_rows = _rows_of(index.latent_keys, self._latent_keys, "latent", self.cache_dir)
@@ -1353,20 +1488,21 @@ class CachedDataset(Dataset):
         # time ids: original (h, w), crop (top, left), target (h, w) = bucket (h, w)
         self._time_ids = np.concatenate([geometry[:, 0:4], geometry[:, 5:6], geometry[:, 4:5]], axis=1)
 
-        self._text_row = manifest["item_text_row"]
+        self._text_rows = manifest["item_text_rows"]  # [images, variants]
+        self._caption_row = manifest["item_caption_row"]
         self._text_keys = _array_to_keys(manifest["text_key"])
         text_rows = _rows_of(index.text_keys, self._text_keys, "text", self.cache_dir)
         self._text_shard = index.text_shard[text_rows]
         self._text_crc = index.text_crc[text_rows]
-        self._text_caption = (manifest["text_caption"], manifest["text_caption_offsets"])
+        self._captions = (manifest["caption"], manifest["caption_offsets"])
         self._shard_names = index.shard_names
 
         item_buckets = manifest["item_bucket"]
         if len(item_buckets):
             table, inverse = np.unique(item_buckets, axis=0, return_inverse=True)
-            self._bucket_ids = inverse.reshape(-1).astype(np.int32)
+            self._image_bucket_ids = inverse.reshape(-1).astype(np.int32)
         else:
-            table, self._bucket_ids = np.zeros((0, 2), dtype=np.int32), np.zeros(0, dtype=np.int32)
+            table, self._image_bucket_ids = np.zeros((0, 2), dtype=np.int32), np.zeros(0, dtype=np.int32)
         self._buckets = [Bucket(int(w), int(h)) for w, h in table.tolist()]
         self._tag_vocab = _unpack_strings(manifest["tag_vocab"], manifest["tag_vocab_offsets"])
         self._tag_offsets = manifest["item_tag_offsets"]
@@ -1375,7 +1511,28 @@ class CachedDataset(Dataset):
         self._reader = _ShardReader(self.cache_dir, max_open=max_open_shards)
 
     def __len__(self) -> int:
+        return len(self._row)
+
+    @property
+    def num_images(self) -> int:
+        """Distinct images (manifest rows); len(self) counts each image `repeats` times."""
         return len(self._latent_keys)
+
+    @property
+    def num_variants(self) -> int:
+        """Caption variants per image (1 when captions are not augmented)."""
+        return int(self._text_rows.shape[1])
+
+    def image_of(self, i: int) -> int:
+        """The image (manifest row) that item i lists."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for a dataset of {len(self)} items")
+        return int(self._row[i])
+
+    @property
+    def repeats(self) -> list[int]:
+        """Repeats per image (manifest row)."""
+        return np.bincount(self._row, minlength=self.num_images).tolist()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -1393,50 +1550,68 @@ class CachedDataset(Dataset):
 
     @property
     def bucket_ids(self) -> list[int]:
-        return self._bucket_ids.tolist()
+        """Bucket of every item (for BucketBatchSampler)."""
+        return self._image_bucket_ids[self._row].tolist()
 
     @property
     def captions(self) -> list[str]:
-        per_text = _unpack_strings(*self._text_caption)
-        return [per_text[row] for row in self._text_row.tolist()]
+        """The original (normalised) caption of every item, before any variant or dropout."""
+        captions = _unpack_strings(*self._captions)
+        return [captions[row] for row in self._caption_row[self._row].tolist()]
 
     def tags(self, i: int) -> tuple[str, ...]:
-        start, stop = int(self._tag_offsets[i]), int(self._tag_offsets[i + 1])
+        row = self.image_of(i)
+        start, stop = int(self._tag_offsets[row]), int(self._tag_offsets[row + 1])
         return tuple(self._tag_vocab[t] for t in self._tag_ids[start:stop].tolist())
+
+    def text_choice(self, i: int) -> tuple[int, bool]:
+        """(caption variant, caption dropped) of item i in the current epoch; cheap, no reads."""
+        uniform, draw = _text_draws(self.seed, self.epoch, i)
+        return draw % self.num_variants, uniform < self.caption_dropout
 
     def source(self, i: int) -> str:
         """The image file item i was encoded from (read from the manifest on demand)."""
-        start, stop = int(self._source_offsets[i]), int(self._source_offsets[i + 1])
+        row = self.image_of(i)
+        start, stop = int(self._source_offsets[row]), int(self._source_offsets[row + 1])
         with safe_open(str(self.cache_dir / MANIFEST_NAME), framework="numpy") as handle:
             return handle.get_slice("item_source")[start:stop].tobytes().decode("utf-8")
 
     def latent_distribution(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Item i's stored (mean, std), float32, already shifted and scaled; std is None in "mean" mode."""
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} out of range for a cache of {len(self)} items")
-        key = _key_hex(self._latent_keys[i])
-        shard = self._shard_names[self._latent_shard[i]]
-        names = _latent_names(key, bool(self._has_std[i]))
-        tensors = [t.float() for t in self._reader.read(shard, names, int(self._latent_crc[i]))]
+        row = self.image_of(i)
+        key = _key_hex(self._latent_keys[row])
+        shard = self._shard_names[self._latent_shard[row]]
+        names = _latent_names(key, bool(self._has_std[row]))
+        tensors = [t.float() for t in self._reader.read(shard, names, int(self._latent_crc[row]))]
         return tensors[0], (tensors[1] if len(tensors) == 2 else None)
+
+    def text_embeddings(self, image: int, variant: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, pooled) of caption variant `variant` of image (manifest row) `image`."""
+        text_row = int(self._text_rows[image, variant])
+        key = _key_hex(self._text_keys[text_row])
+        shard = self._shard_names[self._text_shard[text_row]]
+        prompt_embeds, pooled = self._reader.read(shard, _text_names(key), int(self._text_crc[text_row]))
+        return prompt_embeds.float(), pooled.float()
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         latents, std = self.latent_distribution(i)
         if std is not None:
             generator = torch.Generator().manual_seed(_noise_seed(self.seed, self.epoch, i))
             latents = latents + std * torch.randn(latents.shape, generator=generator)
-        row = int(self._text_row[i])
-        text_key_ = _key_hex(self._text_keys[row])
-        text_shard = self._shard_names[self._text_shard[row]]
-        text_crc = int(self._text_crc[row])
-        prompt_embeds, pooled = self._reader.read(text_shard, _text_names(text_key_), text_crc)
-        t = self._time_ids[i].tolist()
+        row = int(self._row[i])
+        variant, dropped = self.text_choice(i)
+        prompt_embeds, pooled = self.text_embeddings(row, variant)
+        if dropped:  # the pipeline's unconditional input: zeros (force_zeros_for_empty_prompt)
+            prompt_embeds, pooled = torch.zeros_like(prompt_embeds), torch.zeros_like(pooled)
+        t = self._time_ids[row].tolist()
         return {
             "latents": latents,
-            "prompt_embeds": prompt_embeds.float(),
-            "pooled_prompt_embeds": pooled.float(),
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled,
             "time_ids": time_ids((t[0], t[1]), (t[2], t[3]), (t[4], t[5])),
             "index": i,
+            "caption_variant": variant,
+            "caption_dropped": dropped,
         }
 
     @staticmethod

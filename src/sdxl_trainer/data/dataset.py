@@ -7,6 +7,21 @@ whose name starts with ``.`` are ignored. Every image that cannot be used become
 :class:`SkippedFile` with a precise reason; scanning never crashes on a bad file.
 
 Scanning reads image headers only (plus a cheap integrity check), never full pixel data.
+
+Sources and repeats: a dataset is one or more :class:`DataSource` folders, each with a repeat
+count; inside a source, a top-level subfolder named ``N_name`` (kohya style, e.g. ``10_cat``)
+multiplies the repeats of every image below it by ``N``. An image with repeats ``r`` is scanned,
+hashed and encoded once; the cached dataset lists it ``r`` times per epoch (each copy with its
+own latent noise draw, caption variant and caption-dropout draw). Repeats therefore lengthen
+the epoch (its length is the sum of all repeats) and grow the share of the image's bucket in
+it; copies of one image may share a batch, since batches are drawn per bucket.
+
+Caption variants: with ``shuffle_tags`` or ``tag_dropout`` the cache cannot hold one text
+embedding per caption, so :func:`caption_variants` makes ``count`` deterministic variants of
+each caption (variant k from an RNG keyed by (caption, k)); every variant is encoded once
+(texts are de-duplicated) and training picks one per (seed, epoch, item). Cost: up to ``count``
+times the text entries, cache size and text-encoding time; and the model sees at most ``count``
+orderings/dropouts of a caption, not a fresh one each step.
 """
 
 from __future__ import annotations
@@ -16,9 +31,11 @@ import json
 import logging
 import os
 import posixpath
+import random
 import re
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +62,7 @@ class ImageRecord:
     tags: tuple[str, ...]
     width: int  # after EXIF transpose
     height: int
+    repeats: int = 1  # times the image is listed per epoch (source repeats x N of an N_name folder)
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,57 @@ class CaptionOptions:
             raise ValueError(
                 f"missing_caption must be one of {MISSING_CAPTION_POLICIES}, got {self.missing_caption!r}"
             )
+
+
+@dataclass(frozen=True)
+class CaptionAugment:
+    """Tag shuffling/dropout baked into ``variants`` cached caption variants (see the module doc)."""
+
+    shuffle_tags: bool = False
+    keep_tokens: int = 0  # the first keep_tokens tags are never shuffled nor dropped
+    tag_dropout: float = 0.0  # probability that each other tag is left out of a variant
+    variants: int = 1
+
+    def __post_init__(self) -> None:
+        if self.keep_tokens < 0:
+            raise ValueError(f"keep_tokens must be >= 0, got {self.keep_tokens}")
+        if not 0.0 <= self.tag_dropout < 1.0:
+            raise ValueError(f"tag_dropout must be in [0, 1), got {self.tag_dropout}")
+        if self.variants < 1:
+            raise ValueError(f"variants must be >= 1, got {self.variants}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.shuffle_tags or self.tag_dropout > 0.0
+
+    def describe(self) -> str:
+        """A stable one-line summary (recorded in the cache manifest)."""
+        if not self.enabled:
+            return "none"
+        return (
+            f"variants={self.variants},shuffle_tags={self.shuffle_tags},"
+            f"keep_tokens={self.keep_tokens},tag_dropout={self.tag_dropout}"
+        )
+
+
+def caption_variants(tags: Sequence[str], augment: CaptionAugment) -> tuple[str, ...]:
+    """The caption texts to encode for one image: ``(", ".join(tags),)`` without augmentation,
+    else ``augment.variants`` texts. Variant k drops each tag after the first ``keep_tokens``
+    with probability ``tag_dropout``, then shuffles the survivors (when ``shuffle_tags``), from an
+    RNG keyed by (caption, k) only: identical captions give identical variants on every machine.
+    """
+    caption = ", ".join(tags)
+    if not augment.enabled:
+        return (caption,)
+    kept, rest = list(tags[: augment.keep_tokens]), list(tags[augment.keep_tokens :])
+    variants = []
+    for k in range(augment.variants):
+        rng = random.Random(f"caption-variant/{k}/{caption}")  # str seeds hash with sha512: stable
+        survivors = [tag for tag in rest if rng.random() >= augment.tag_dropout]
+        if augment.shuffle_tags:
+            rng.shuffle(survivors)
+        variants.append(", ".join(kept + survivors))
+    return tuple(variants)
 
 
 _TAG_SEPARATORS = re.compile(r"[,\r\n]")
@@ -385,6 +454,19 @@ def _summarise_failure(root: Path, skipped: list[SkippedFile]) -> str:
     )
 
 
+_REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+def folder_repeat_count(relative: str) -> int | None:
+    """N when the image at ``relative`` (a posix path under a source root) lies under a
+    top-level ``N_name`` folder, else None. Only the top level counts, as in kohya's trainers."""
+    parts = relative.split("/")
+    if len(parts) < 2:
+        return None
+    match = _REPEAT_FOLDER.match(parts[0])
+    return int(match.group(1)) if match else None
+
+
 def scan_folder(
     root: Path,
     *,
@@ -393,13 +475,19 @@ def scan_folder(
     max_aspect_ratio: float = 8.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     follow_symlinks_outside: bool = False,
+    repeats: int = 1,
+    folder_repeats: bool = False,
 ) -> ScanResult:
     """Scan ``root`` recursively into image records plus a report of skipped files.
 
     Records are in sorted relative-path order. When images share a stem in one folder
     (``a.png`` + ``a.jpg``) and take their caption from ``a.txt``, the first in sorted order is
-    kept and the others are skipped. Raises DatasetError when nothing usable is found.
+    kept and the others are skipped. Every record gets ``repeats``; with ``folder_repeats`` an
+    image under a top-level ``N_name`` folder gets ``repeats * N`` (``0_name`` folders are
+    skipped with a reason). Raises DatasetError when nothing usable is found.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
@@ -418,7 +506,10 @@ def scan_folder(
     for path in images:
         relative = path.relative_to(root).as_posix()
         entry = metadata.get(relative)
+        folder_count = folder_repeat_count(relative) if folder_repeats else None
         try:
+            if folder_count == 0:
+                raise _Unusable(f"repeat count 0 in folder name {relative.split('/')[0]}")
             if entry is None:
                 owner = kept_by_stem.get(path.with_suffix(""))
                 if owner is not None:
@@ -449,7 +540,8 @@ def scan_folder(
             continue
         if entry is None:
             kept_by_stem[path.with_suffix("")] = path
-        records.append(ImageRecord(path, ", ".join(tags), tags, width, height))
+        record_repeats = repeats * (folder_count or 1)
+        records.append(ImageRecord(path, ", ".join(tags), tags, width, height, record_repeats))
 
     for relative, entry in metadata.items():
         if relative in used_metadata:
@@ -465,3 +557,56 @@ def scan_folder(
     if not records:
         raise DatasetError(_summarise_failure(root, skipped))
     return ScanResult(records, skipped)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One dataset folder and how often its images appear per epoch."""
+
+    root: Path
+    repeats: int = 1
+    folder_repeats: bool = True  # top-level N_name subfolders multiply repeats by N
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats} (source {self.root})")
+
+
+def scan_sources(sources: Sequence[DataSource], **scan_options) -> ScanResult:
+    """Scan every source (``scan_options`` as for :func:`scan_folder`) into one result.
+
+    Records keep source order, then path order; an image listed by two sources is two records
+    (one cache entry). Any source without a usable image raises DatasetError naming it.
+    Logs, per source, its images and epoch items, and every ``N_name`` folder's repeats.
+    """
+    if not sources:
+        raise DatasetError("no data sources given: set data.root or data.sources")
+    records: list[ImageRecord] = []
+    skipped: list[SkippedFile] = []
+    for source in sources:
+        result = scan_folder(
+            source.root, repeats=source.repeats, folder_repeats=source.folder_repeats, **scan_options
+        )
+        records.extend(result.records)
+        skipped.extend(result.skipped)
+        items = sum(r.repeats for r in result.records)
+        logger.info(
+            "source %s: %d images x repeats -> %d items per epoch (%d skipped)",
+            source.root, len(result.records), items, len(result.skipped),
+        )
+        if source.folder_repeats:
+            root = Path(os.path.abspath(source.root))
+            folders = Counter(
+                (r.path.relative_to(root).parts[0], r.repeats)
+                for r in result.records
+                if folder_repeat_count(r.path.relative_to(root).as_posix()) is not None
+            )
+            for (folder, total), count in sorted(folders.items()):
+                logger.info("  folder %s: %d images, %d repeats each (source repeats %d x folder %d)",
+                            folder, count, total, source.repeats, total // source.repeats)
+    return ScanResult(records, skipped)
+
+
+def epoch_items(records: Sequence[ImageRecord]) -> int:
+    """Items per epoch: the sum of every record's repeats."""
+    return sum(record.repeats for record in records)

@@ -122,10 +122,33 @@ def _check_diffusers_folder(folder: Path) -> None:
         )
 
 
-def _load_single_file(path: Path, **_: Any) -> SDXLComponents:
-    raise ModelLoadError(
-        f"{path} is a file; single-file SDXL checkpoints are not supported yet. "
-        "Pass a diffusers SDXL folder instead"
+def _load_single_file(path: Path, *, config_dir: str | Path | None, dtype: torch.dtype, device: torch.device | str) -> SDXLComponents:
+    """An original-layout SDXL .safetensors (ComfyUI/A1111 style) + a local diffusers config folder, offline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(f"{path} is a file but not a .safetensors single-file checkpoint; pass a .safetensors file or a diffusers folder")
+    if config_dir is None:
+        raise ModelLoadError(
+            f"{path} is a single-file checkpoint: set model.config_dir to a local diffusers SDXL folder "
+            "(model_index.json, */config.json, tokenizer/, tokenizer_2/, scheduler/) that describes its architecture"
+        )
+    config_dir = Path(config_dir).expanduser()
+    _check_diffusers_folder(config_dir)
+    try:
+        pipeline = StableDiffusionXLPipeline.from_single_file(
+            str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(f"could not load the single-file checkpoint {path} with the configs of {config_dir}: {err}") from err
+    try:
+        scheduler_config = _read_scheduler_config(config_dir, True)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not read scheduler/{SCHEDULER_CONFIG} of {config_dir}: {err}") from err
+    models = {name: getattr(pipeline, name).to(device) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    return SDXLComponents(
+        **models, tokenizer=pipeline.tokenizer, tokenizer_2=pipeline.tokenizer_2, scheduler_config=scheduler_config,
+        source=f"single file {path.resolve()} (configs from {config_dir.resolve()})",
     )
 
 
@@ -146,12 +169,14 @@ def load_components(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     local_files_only: bool | None = None,
+    config_dir: str | Path | None = None,
 ) -> SDXLComponents:
-    """Load the SDXL components of `pretrained` (builtin:NAME, a diffusers folder, or a Hub id)."""
+    """Load the SDXL components of `pretrained` (builtin:NAME, a diffusers folder, a single
+    .safetensors file with `config_dir`, or a Hub id)."""
     location = resolve_pretrained(pretrained)
     if isinstance(location, Path):
         if location.is_file():
-            return _load_single_file(location, dtype=dtype, device=device)
+            return _load_single_file(location, config_dir=config_dir, dtype=dtype, device=device)
         _check_diffusers_folder(location)
         source = (
             f"built-in {pretrained[len(BUILTIN_PREFIX):]} ({location})"
@@ -208,4 +233,30 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 def enable_gradient_checkpointing(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     """Trade compute for memory: recompute UNet activations in the backward pass."""
     unet.enable_gradient_checkpointing()
+    return unet
+
+
+def attention_backend(unet: torch.nn.Module) -> str:
+    """The attention processors in use, named for logs (AttnProcessor2_0 is PyTorch SDPA)."""
+    processors = sorted({type(processor).__name__ for processor in unet.attn_processors.values()})
+    names = ", ".join(processors) or "none"
+    return f"{names} (PyTorch scaled_dot_product_attention)" if processors == ["AttnProcessor2_0"] else names
+
+
+def prepare_unet_for_training(
+    unet: UNet2DConditionModel, *, gradient_checkpointing: bool, dtype: torch.dtype = torch.float32, compile: bool = False
+) -> UNet2DConditionModel:
+    """Trainable, in train mode, in `dtype` (bf16 for full-bf16 training), optionally checkpointed and compiled.
+
+    `Module.compile` compiles the forward in place: the module, its state_dict keys and
+    `save_pretrained` stay as they were.
+    """
+    unet.requires_grad_(True)
+    unet.train()
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(unet)
+    if unet.dtype != dtype:
+        unet.to(dtype=dtype)
+    if compile:
+        unet.compile()
     return unet

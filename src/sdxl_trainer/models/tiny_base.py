@@ -41,11 +41,11 @@ class TinyBaseRecipe:
     resolution: int = 256
     vae_steps: int = 800
     vae_batch_size: int = 8
-    vae_crop: int = 96
+    vae_crop: int = 64
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 2000
-    unet_batch_size: int = 16
+    unet_steps: int = 1500
+    unet_batch_size: int = 8
     unet_learning_rate: float = 5e-4
     text_encoder_learning_rate: float = 2e-4
     caption_dropout: float = 0.1

@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from sdxl_trainer.training.optimizers import FusedBackwardOptimizer, optimizer_factory
 from sdxl_trainer.utils.device import DevicePlan
 
 LR_SCHEDULERS = ("constant", "cosine", "linear")
@@ -21,6 +22,8 @@ def build_accelerator(plan: DevicePlan, project_dir: str | None = None) -> Accel
         cpu=plan.device.type == "cpu",
         gradient_accumulation_steps=1,
         project_dir=project_dir,
+        # One scheduler step per optimizer step; by default accelerate steps it once per process.
+        step_scheduler_with_optimizer=False,
     )
 
 
@@ -31,11 +34,20 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
+    name: str = "adamw",
+    full_bf16: bool = False,
+    fused_backward: bool = False,
+    seed: int = 0,
 ) -> torch.optim.Optimizer:
+    """`name` in OPTIMIZERS; full_bf16: stochastic-rounding AdamW for bf16 weights; fused_backward:
+    each parameter stepped inside backward (see training/optimizers.py)."""
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters: nothing would be trained")
-    return torch.optim.AdamW(trainable, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
+    make = optimizer_factory(name, learning_rate=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, full_bf16=full_bf16, seed=seed)
+    if fused_backward:
+        return FusedBackwardOptimizer(trainable, make)
+    return make(trainable, 0)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, *, name: str, warmup_steps: int, total_steps: int):
@@ -78,6 +90,7 @@ def build_ema(model: torch.nn.Module, *, enabled: bool, decay: float, warmup: bo
     if not enabled:
         return NoEMA()
     # EMA warm-up (decay = 1 - (1 + step)^-2/3) as in diffusers' EMAModel / @crowsonkb's schedule.
-    ema = EMAModel(model.parameters(), decay=decay, use_ema_warmup=warmup, inv_gamma=1.0, power=2 / 3)
+    # fp32 shadow weights even for bf16 training: a bf16 average would round away every small update.
+    ema = EMAModel([p.detach().float() for p in model.parameters()], decay=decay, use_ema_warmup=warmup, inv_gamma=1.0, power=2 / 3)
     ema.enabled = True
     return ema
