@@ -10,7 +10,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread in the test process and (through OMP_NUM_THREADS) in the commands it starts: tiny
+# models gain nothing from threads, and two OpenMP threads on a busy 2-core machine spin against
+# each other (measured ~10x slower per training step).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,13 +40,3 @@ def small_demo_dir(tmp_path_factory) -> Path:
     from sdxl_trainer.data.demo import write_demo_dataset
 
     return write_demo_dataset(tmp_path_factory.mktemp("demo-data"), num_images=24, resolution=128, seed=0)
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """One torch thread for a module: tiny models gain nothing from threads, and two OpenMP threads
-    on a busy 2-core machine spin against each other (measured ~10x slower per training step)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -59,15 +59,6 @@ IMAGES = (
 BUCKETS = generate_buckets(64, step=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models run much faster single-threaded, above all on a busy shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def components():
     return build_tiny_components(WORDS, seed=0)

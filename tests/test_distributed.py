@@ -42,7 +42,7 @@ def _config(tmp_path, pipeline_dir, data_dir) -> str:
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=420, env=env)
 
 
 def _unet(run_dir) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ from sdxl_trainer.main import main
 from sdxl_trainer.models.evaluate import brightness, color_errors, mean_colors, resolve_model
 from sdxl_trainer.training.loss import DiffusionObjective, ObjectiveConfig
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPORT_KEYS = {
     "black_brightness", "white_brightness", "color_error",
     "terminal_x0_black_brightness", "terminal_x0_white_brightness", "prompts", "scheduler", "settings",

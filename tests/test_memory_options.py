@@ -16,7 +16,6 @@ from sdxl_trainer.training.setup import build_lr_scheduler, build_optimizer
 from sdxl_trainer.training.utils import unet_forward, weights_fingerprint
 from sdxl_trainer.utils.device import DeviceError, check_process_options, plan_device
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

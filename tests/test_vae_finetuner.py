@@ -29,15 +29,6 @@ from sdxl_trainer.models.vae_finetuner import (
 from sdxl_trainer.training.perceptual import LPIPS, MissingLPIPSWeightsError, NoPerceptualLoss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two threads on a shared 2-core machine oversubscribe badly; one is faster and steadier.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ============================================================================ latent statistics
 
 

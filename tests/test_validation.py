@@ -36,7 +36,6 @@ from sdxl_trainer.training import trainer as trainer_module
 from sdxl_trainer.training.loss import DiffusionObjective, ObjectiveConfig
 from sdxl_trainer.training.trainer import Trainer, objective_from_config
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SAMPLE_SIZE = 64
 
 

@@ -28,7 +28,7 @@ def demo_overrides(output: Path, steps: int) -> list[str]:
         f"train.max_steps={steps}",
         "train.batch_size=8",
         "train.learning_rate=3e-4",
-        "train.lr_warmup_steps=20",
+        f"train.lr_warmup_steps={min(20, steps // 10)}",
         "train.log_every=20",
         "data.validation_fraction=0.05",
         "objective.prediction_type=v_prediction",

@@ -72,6 +72,7 @@ from sdxl_trainer.data.dataset import (
     load_image_rgb,
 )
 from sdxl_trainer.models.conditioning import encode_prompts, time_ids
+from sdxl_trainer.utils.io import fsync_path
 
 # Bump when the meaning or layout of cached values changes: every key changes with it.
 CACHE_FORMAT_VERSION = 1
@@ -272,14 +273,6 @@ def _crc32(tensors: Iterable[torch.Tensor]) -> int:
     return crc
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
@@ -287,7 +280,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _write_shard_file(path: Path, tensors: dict[str, torch.Tensor]) -> int:
@@ -297,7 +290,7 @@ def _write_shard_file(path: Path, tensors: dict[str, torch.Tensor]) -> int:
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path.stat().st_size
 
 

@@ -39,7 +39,7 @@ class TinyBaseRecipe:
     seed: int = 0
     num_images: int = 512
     resolution: int = 256
-    vae_steps: int = 800
+    vae_steps: int = 2500
     vae_batch_size: int = 8
     vae_crop: int = 64
     vae_learning_rate: float = 1e-3

@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdxl_trainer.config import ConfigError
+from sdxl_trainer.utils.io import fsync_path
 from sdxl_trainer.utils.logging import get_logger
 
 log = get_logger("checkpoint")
@@ -161,14 +162,6 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator | None) 
 
 
 # ---------------------------------------------------------------------------- durable writes
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
@@ -178,7 +171,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     save_file(tensors, str(path), metadata=metadata)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def _kill_hook(point: str, step: int) -> None:
@@ -374,7 +367,7 @@ def save_checkpoint(checkpoints_dir: Path, request: SaveRequest, *, keep_last_n:
         tmp.mkdir()
         _write_checkpoint_files(tmp, request)
         _kill_hook("after_files", request.step)
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if final.exists():  # the same step saved before (a re-run): swap it out, then drop it
             trash = checkpoints_dir / f".tmp-replaced-{name}-{os.getpid()}"
             os.rename(final, trash)
@@ -382,7 +375,7 @@ def save_checkpoint(checkpoints_dir: Path, request: SaveRequest, *, keep_last_n:
             shutil.rmtree(trash)
         else:
             os.rename(tmp, final)
-        _fsync_path(checkpoints_dir)
+        fsync_path(checkpoints_dir)
         _kill_hook("after_rename", request.step)
         _write_pointer(checkpoints_dir, name, request.step)
         _kill_hook("after_pointer", request.step)
@@ -440,7 +433,7 @@ def _write_pointer(checkpoints_dir: Path, name: str, step: int) -> None:
     tmp = checkpoints_dir / f".{LATEST_POINTER}.tmp-{os.getpid()}"
     _write_text(tmp, json.dumps({"name": name, "step": step}) + "\n")
     os.replace(tmp, checkpoints_dir / LATEST_POINTER)
-    _fsync_path(checkpoints_dir)
+    fsync_path(checkpoints_dir)
 
 
 def _remove_stale_temporaries(checkpoints_dir: Path) -> None:
