@@ -82,7 +82,7 @@ class CacheConfig(_Section):
     dir: str = Field("cache", description="where latents and text embeddings are cached")
     latent_mode: Literal["sample", "mean"] = "sample"
     batch_size: int = Field(8, ge=1)
-    num_workers: int = Field(2, ge=0)
+    num_workers: int | None = Field(None, ge=0, description="image-decoding worker processes; null: CPUs - 1 (at most 8), so decoding does not starve the encoders")
     caption_variants: int = Field(8, ge=1, description="with data.shuffle_tags or data.tag_dropout: cached variants per caption (N x text entries and encode time; the model sees at most N orderings)")
 
 

@@ -124,7 +124,7 @@ def prepare_dataset(config: Config, components, *, device: torch.device, rank: i
         crop=config.data.crop,
         latent_mode=config.cache.latent_mode,
         batch_size=config.cache.batch_size,
-        num_workers=config.cache.num_workers,
+        num_workers=config.cache.num_workers if config.cache.num_workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1)),
         device=device,
         rank=rank,
         world_size=world_size,
