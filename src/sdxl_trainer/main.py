@@ -218,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdxl-trainer", description="Fine-tune Stable Diffusion XL: v-prediction, zero-terminal SNR, cached latents.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def add_config_command(name: str, help_text: str, func) -> None:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("config", help="YAML config (see `sdxl-trainer init-config`)")
+        command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
+        command.set_defaults(func=func)
+
     demo = commands.add_parser("demo", help="fine-tune the built-in tiny SDXL on the generated demo dataset (no network)")
     demo.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps (default: {DEMO_STEPS})")
@@ -225,20 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.learning_rate=1e-4")
     demo.set_defaults(func=cmd_demo)
 
-    train = commands.add_parser("train", help="train with a YAML config")
-    train.add_argument("config", help="YAML config (see `sdxl-trainer init-config`)")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
-    train.set_defaults(func=cmd_train)
+    add_config_command("train", "train with a YAML config", cmd_train)
 
-    cache = commands.add_parser("cache", help="build or refresh the latent/text-embedding cache without training")
-    cache.add_argument("config")
-    cache.add_argument("overrides", nargs="*", metavar="key=value")
-    cache.set_defaults(func=cmd_cache)
+    add_config_command("cache", "build or refresh the latent/text-embedding cache without training", cmd_cache)
 
-    validate = commands.add_parser("validate", help="check the model and sampler against the config, write one sample grid (no training)")
-    validate.add_argument("config")
-    validate.add_argument("overrides", nargs="*", metavar="key=value")
-    validate.set_defaults(func=cmd_validate)
+    add_config_command("validate", "check the model and sampler against the config, write one sample grid (no training)", cmd_validate)
 
     evaluate = commands.add_parser("evaluate", help="the ZTSNR experiment: black/white brightness and colour fidelity of solid-colour prompts")
     evaluate.add_argument("model", help="a run directory or its final/, a diffusers SDXL folder, or builtin:tiny-base")
@@ -269,10 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--include-state", action="store_true", help="also upload the latest checkpoint, logs/, config.yaml, summary.json, train.log")
     push.set_defaults(func=cmd_push)
 
-    vae = commands.add_parser("vae", help="fine-tune the VAE (decoder by default) with reconstruction + perceptual loss; writes vae/, latent_stats.json, vae_report.json")
-    vae.add_argument("config")
-    vae.add_argument("overrides", nargs="*", metavar="key=value")
-    vae.set_defaults(func=cmd_vae)
+    add_config_command("vae", "fine-tune the VAE (decoder by default) with reconstruction + perceptual loss; writes vae/, latent_stats.json, vae_report.json", cmd_vae)
 
     init = commands.add_parser("init-config", help="write a commented example config (stdout, or --out FILE)")
     init.add_argument("--out", help="file to write instead of stdout")
