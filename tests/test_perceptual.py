@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 from sdxl_trainer.training.perceptual import (
     LPIPS,
-    LPIPS_HEADS_URL,
-    VGG16_URL,
+    LPIPS_HEADS_WEIGHTS,
+    VGG16_WEIGHTS,
     MissingLPIPSWeightsError,
     MSSSIMLoss,
     NoPerceptualLoss,
@@ -126,7 +126,7 @@ def test_missing_or_incomplete_lpips_weights_say_what_and_where(tmp_path):
         with pytest.raises(MissingLPIPSWeightsError) as error:
             build_perceptual_loss("lpips", path)
         message = str(error.value)
-        assert VGG16_URL in message and LPIPS_HEADS_URL in message and "vae.lpips_weights" in message
+        assert VGG16_WEIGHTS in message and LPIPS_HEADS_WEIGHTS in message and "vae.lpips_weights" in message
     vgg, _ = fake_published_weights()
     only_vgg = tmp_path / "only_vgg.safetensors"
     save_file(vgg, str(only_vgg))

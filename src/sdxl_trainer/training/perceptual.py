@@ -9,7 +9,7 @@ needed. Its weights are read from ONE local file (``.safetensors``, ``.pth`` or 
 holds both parts, with exactly the published key names:
 
 - ``features.N.weight`` / ``features.N.bias``: torchvision's ImageNet VGG16
-  (https://download.pytorch.org/models/vgg16-397923af.pth; its ``classifier.*`` keys are ignored);
+  (torchvision's published ImageNet file ``vgg16-397923af.pth``; its ``classifier.*`` keys are ignored);
 - ``lin0.model.1.weight`` ... ``lin4.model.1.weight``: the LPIPS linear heads of the ``lpips``
   package (https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth).
 
@@ -31,8 +31,8 @@ from torch import nn
 
 PERCEPTUAL_LOSSES = ("none", "ms_ssim", "lpips")
 
-VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
-LPIPS_HEADS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+VGG16_WEIGHTS = "torchvision's published ImageNet VGG16 weights (vgg16-397923af.pth)"
+LPIPS_HEADS_WEIGHTS = "the LPIPS v0.1 VGG heads (lpips/weights/v0.1/vgg.pth in the PerceptualSimilarity repository)"
 
 # torchvision's vgg16().features: numbers are conv output channels, "M" is a 2x2 max-pool.
 VGG16_LAYOUT: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -60,8 +60,8 @@ class MissingLPIPSWeightsError(FileNotFoundError):
 def _missing_weights_message(path: str | Path | None, problem: str) -> str:
     return (
         f"{problem}. perceptual_loss=lpips needs one local file with torchvision's VGG16 "
-        f"features (features.N.weight/bias, from {VGG16_URL}) and the LPIPS linear heads "
-        f"(lin0.model.1.weight ... lin4.model.1.weight, from {LPIPS_HEADS_URL}). Download both, "
+        f"features (features.N.weight/bias, from {VGG16_WEIGHTS}) and the LPIPS linear heads "
+        f"(lin0.model.1.weight ... lin4.model.1.weight, from {LPIPS_HEADS_WEIGHTS}). Download both, "
         "combine them with sdxl_trainer.training.perceptual.combine_lpips_weights(vgg16, heads, "
         "'lpips_vgg.safetensors'), and set vae.lpips_weights to that file; or use "
         "vae.perceptual_loss=ms_ssim, which needs no weights"
