@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import sdxl_trainer
+from sdxl_trainer.models.tiny import TinyComponents
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS: dict[str, Path] = {
@@ -45,13 +46,9 @@ class ModelLoadError(ValueError):
 
 
 @dataclass
-class SDXLComponents:
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    text_encoder_2: CLIPTextModelWithProjection
-    tokenizer: CLIPTokenizer
-    tokenizer_2: CLIPTokenizer
+class SDXLComponents(TinyComponents):
+    """The six SDXL parts (as the tiny model builds them) plus where they came from."""
+
     scheduler_config: dict[str, Any]
     source: str  # where the components came from, for logs and model cards
 
