@@ -12,7 +12,7 @@ from sdxl_trainer.config import ConfigError, load_config
 from sdxl_trainer.models.setup import attention_backend, prepare_unet_for_training
 from sdxl_trainer.models.tiny import tiny_unet_config
 from sdxl_trainer.training.optimizers import BF16StochasticAdamW, FusedBackwardOptimizer, stochastic_round_to_bf16
-from sdxl_trainer.training.setup import build_lr_scheduler, build_optimizer
+from sdxl_trainer.training.setup import build_ema, build_lr_scheduler, build_optimizer
 from sdxl_trainer.training.utils import unet_forward, weights_fingerprint
 from sdxl_trainer.utils.device import DeviceError, check_process_options, plan_device
 
@@ -193,6 +193,26 @@ def test_compile_is_applied_in_place(tiny_unet):
     assert unet._compiled_call_impl is not None
     assert isinstance(unet, UNet2DConditionModel)  # state_dict keys and save_pretrained unchanged
     assert set(unet.state_dict()) == set(tiny_unet.state_dict())
+
+
+def test_ema_update_matches_the_closed_form_for_fp32_and_bf16_weights():
+    # shadow <- d * shadow + (1 - d) * weight, at update k = 1, 2, ... with warm-up decay d_k = 1 - k^(-2/3) capped at
+    # `decay` (diffusers EMAModel, inv_gamma 1, power 2/3); shadows stay fp32 even for bf16 weights.
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)).to(dtype)
+        ema = build_ema(model, enabled=True, decay=0.95, warmup=True)
+        expected = [p.detach().double() for p in model.parameters()]
+        for step in range(1, 6):
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_(torch.randn(parameter.shape, generator=generator).to(dtype))
+            ema.step(model.parameters())
+            decay = min(0.95, 1 - step ** (-2 / 3))
+            expected = [decay * e + (1 - decay) * p.detach().double() for e, p in zip(expected, model.parameters())]
+        for shadow, reference in zip(ema.shadow_params, expected):
+            assert shadow.dtype == torch.float32
+            torch.testing.assert_close(shadow.double(), reference, rtol=1e-5, atol=1e-6)
 
 
 def test_weights_fingerprint_sees_one_bit():

@@ -91,6 +91,8 @@ def build_ema(model: torch.nn.Module, *, enabled: bool, decay: float, warmup: bo
         return NoEMA()
     # EMA warm-up (decay = 1 - (1 + step)^-2/3) as in diffusers' EMAModel / @crowsonkb's schedule.
     # fp32 shadow weights even for bf16 training: a bf16 average would round away every small update.
-    ema = EMAModel([p.detach().float() for p in model.parameters()], decay=decay, use_ema_warmup=warmup, inv_gamma=1.0, power=2 / 3)
+    # foreach: one multi-tensor update instead of a Python loop over ~1,700 SDXL tensors (bench/train_step.py).
+    ema = EMAModel([p.detach().float() for p in model.parameters()], decay=decay, use_ema_warmup=warmup, inv_gamma=1.0, power=2 / 3,
+                   foreach=True)
     ema.enabled = True
     return ema
