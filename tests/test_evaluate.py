@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 
 from sdxl_trainer.data.demo import COLORS
 from sdxl_trainer.main import main
-from sdxl_trainer.models.evaluate import brightness, color_errors, mean_colors, resolve_model
+from sdxl_trainer.models.evaluate import brightness, color_errors, mean_colors, resolve_model, svg_grid
 from sdxl_trainer.training.loss import DiffusionObjective, ObjectiveConfig
 
 REPORT_KEYS = {
@@ -35,6 +36,19 @@ def test_metrics_on_known_images():
     grey = np.full((1, 2, 2, 3), 0.5, dtype=np.float32)
     expected = np.mean([np.linalg.norm(np.asarray(rgb) / 255.0 - 0.5) for rgb in COLORS.values()])
     assert np.mean([color_errors(grey, rgb)[0] for rgb in COLORS.values()]) == pytest.approx(expected)
+
+
+def test_svg_grid_shows_box_averaged_colours():
+    image = np.zeros((8, 8, 3), dtype=np.float32)
+    image[:4, :4] = [1.0, 0.0, 0.0]  # top-left quarter red
+    image[4:, 4:, 2] = 0.5  # bottom-right quarter half blue
+    svg = svg_grid([("completely <red> & more", (220, 30, 30), image[None])], ["seed 0"], blocks=2, cell=20)
+    root = ET.fromstring(svg)  # well-formed XML: labels are escaped
+    ns = "{http://www.w3.org/2000/svg}"
+    fills = [rect.get("fill") for rect in root.iter(f"{ns}rect")]
+    # background, target swatch, then the 2 x 2 blocks row by row
+    assert fills == ["#ffffff", "#dc1e1e", "#ff0000", "#000000", "#000000", "#000080"]
+    assert "completely <red> & more" in [text.text for text in root.iter(f"{ns}text")]
 
 
 def test_a_run_directory_means_its_final_pipeline(tmp_path):
@@ -66,6 +80,8 @@ def test_evaluate_on_a_tiny_pipeline(tmp_path, tiny_pipeline_dir, capsys):
     assert report["scheduler"]["prediction_type"] == "epsilon"
     assert report["scheduler"]["timestep_spacing"] == "leading"
     assert report["scheduler"]["first_timestep"] < 999
+    svg = ET.parse(out / "evaluate.svg").getroot()
+    assert len(svg.findall("{http://www.w3.org/2000/svg}rect")) == 1 + (len(COLORS) + 2) * (1 + 2 * 16)
     grid = Image.open(out / "evaluate.png")
     assert grid.height == 14 + (len(COLORS) + 2) * 64  # one row per colour, then x0 black and white
     assert grid.width >= 3 * 64  # target swatch + 2 seeds

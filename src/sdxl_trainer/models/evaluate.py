@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,46 @@ def _swatch(rgb: tuple[int, int, int], size: int) -> Image.Image:
     return Image.new("RGB", (size, size), tuple(int(c) for c in rgb))
 
 
+def _hex(rgb01: np.ndarray) -> str:
+    return "#" + "".join(f"{int(v):02x}" for v in np.clip(np.round(np.asarray(rgb01) * 255.0), 0, 255))
+
+
+def svg_grid(rows: list[tuple[str, tuple[int, int, int], np.ndarray]], column_labels: list[str], *, blocks: int = 4,
+             cell: int = 40) -> str:
+    """A small, text-only picture of an evaluation: one row per (label, target RGB, images [N, H, W, 3] in 0..1).
+
+    Each image is shown as ``blocks`` x ``blocks`` box-averaged colours, next to its target swatch, so the
+    picture can be kept in a repository and shown in a README without a binary file.
+    """
+    label_width, header = 150, 22
+    width = label_width + cell * (1 + max(len(images) for _, _, images in rows))
+    height = header + cell * len(rows) + 4
+    sub = cell / blocks
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
+    ]
+    for column, text in enumerate(["target", *column_labels]):
+        x = label_width + column * cell + cell / 2
+        parts.append(f'<text x="{x:g}" y="15" text-anchor="middle">{escape(text)}</text>')
+    for row, (text, target, images) in enumerate(rows):
+        y = header + row * cell
+        parts.append(f'<text x="4" y="{y + cell / 2 + 4:g}">{escape(text)}</text>')
+        parts.append(f'<rect x="{label_width}" y="{y}" width="{cell - 2}" height="{cell - 2}" '
+                     f'fill="{_hex(np.asarray(target) / 255.0)}" stroke="#000000"/>')
+        for column, image in enumerate(images, start=1):
+            h, w = image.shape[:2]
+            for by in range(blocks):
+                for bx in range(blocks):
+                    block = image[by * h // blocks:(by + 1) * h // blocks, bx * w // blocks:(bx + 1) * w // blocks]
+                    colour = _hex(block.reshape(-1, image.shape[-1]).mean(axis=0))
+                    parts.append(f'<rect x="{label_width + column * cell + bx * sub:g}" y="{y + by * sub:g}" '
+                                 f'width="{sub:g}" height="{sub:g}" fill="{colour}"/>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
 def _round(values: np.ndarray | float) -> Any:
     return np.round(np.asarray(values, dtype=np.float64), 5).tolist()
 
@@ -151,7 +192,7 @@ def evaluate_model(
     device: torch.device | str = "cpu",
     config_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Sample every ``completely <colour>`` prompt at seeds 0..N-1; write evaluate.json and evaluate.png."""
+    """Sample every ``completely <colour>`` prompt at seeds 0..N-1; write evaluate.json, evaluate.png and evaluate.svg."""
     model = resolve_model(model)
     components = load_components(model, dtype=torch.float32, device=device, config_dir=config_dir)
     for module in (components.unet, components.vae, components.text_encoder, components.text_encoder_2):
@@ -170,7 +211,7 @@ def evaluate_model(
     )
 
     prompts: dict[str, Any] = {}
-    rows, row_labels, terminal_rows = [], [], {}
+    rows, row_labels, terminal_rows, svg_rows = [], [], {}, []
     first_step: dict[str, Any] = {}
     for color, rgb in COLORS.items():
         prompt = solid_caption_for(color)
@@ -199,18 +240,23 @@ def evaluate_model(
         if color in DIAGNOSTIC_COLORS:
             x0_images = decode_latents(pipeline, scheduler.first_pred_original_sample)
             entry["terminal_x0_brightness"] = float(brightness(x0_images).mean())
-            terminal_rows[color] = _to_pil(x0_images)
+            terminal_rows[color] = x0_images
             first_step = {"timestep": scheduler.first_timestep, "sigma": scheduler.first_sigma}
         prompts[prompt] = entry
         rows.append([_swatch(rgb, size), *_to_pil(images)])
         row_labels.append(color)
+        svg_rows.append((prompt, rgb, images))
     for color in DIAGNOSTIC_COLORS:
-        rows.append([_swatch(COLORS[color], size), *terminal_rows[color]])
-        row_labels.append(f"x0@t{first_step['timestep']} {color}")
+        label = f"x0@t{first_step['timestep']} {color}"
+        rows.append([_swatch(COLORS[color], size), *_to_pil(terminal_rows[color])])
+        row_labels.append(label)
+        svg_rows.append((label, COLORS[color], terminal_rows[color]))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_path = out_dir / "evaluate.png"
     image_grid(rows, row_labels, ["target", *(f"seed {seed}" for seed in seeds)]).save(grid_path)
+    svg_path = out_dir / "evaluate.svg"
+    svg_path.write_text(svg_grid(svg_rows, [f"seed {seed}" for seed in seeds]), encoding="utf-8")
     report = {
         "model": model,
         "source": components.source,
@@ -229,6 +275,7 @@ def evaluate_model(
         "terminal_x0_white_brightness": prompts[solid_caption_for("white")]["terminal_x0_brightness"],
         "prompts": prompts,
         "image": str(grid_path),
+        "svg": str(svg_path),
     }
     (out_dir / "evaluate.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
