@@ -29,6 +29,7 @@ from sdxl_trainer.models.model_validator import (
     check_model,
     generate_samples,
     require_valid_model,
+    unconditional_branch_warnings,
     validation_timesteps,
 )
 from sdxl_trainer.models.tiny import build_tiny_components, save_as_pipeline, tiny_unet_config
@@ -312,6 +313,22 @@ def test_check_model_passes_a_consistent_model(tiny_components):
     assert require_valid_model(tiny_components, ObjectiveConfig(prediction_type="epsilon", zero_terminal_snr=False)) == []
 
 
+def test_guidance_warns_when_the_unconditional_branch_keeps_the_base_objective(tiny_components):
+    base = tiny_components.scheduler_config  # epsilon, SDXL betas
+    v_ztsnr = ObjectiveConfig(prediction_type="v_prediction", zero_terminal_snr=True)
+    warnings = unconditional_branch_warnings(base, v_ztsnr, caption_dropout=0.0, guidance_scale=5.0)
+    assert len(warnings) == 1
+    assert "prediction type epsilon -> v_prediction and noise schedule" in warnings[0]
+    assert "data.caption_dropout" in warnings[0]
+    only_ztsnr = ObjectiveConfig(prediction_type="epsilon", zero_terminal_snr=True)
+    assert "noise schedule" in unconditional_branch_warnings(base, only_ztsnr, caption_dropout=0.0, guidance_scale=5.0)[0]
+    # Fine when captions are dropped, when no guidance is used, or when the objective is the base's.
+    assert unconditional_branch_warnings(base, v_ztsnr, caption_dropout=0.1, guidance_scale=5.0) == []
+    assert unconditional_branch_warnings(base, v_ztsnr, caption_dropout=0.0, guidance_scale=1.0) == []
+    same = ObjectiveConfig(prediction_type="epsilon", zero_terminal_snr=False)
+    assert unconditional_branch_warnings(base, same, caption_dropout=0.0, guidance_scale=5.0) == []
+
+
 def test_check_model_catches_cross_attention_mismatch(tiny_components):
     broken = _with_unet(tiny_components, cross_attention_dim=64)
     problems = check_model(broken, ObjectiveConfig())
@@ -369,6 +386,8 @@ def test_validate_command_checks_and_writes_a_grid(tmp_path, tiny_pipeline_dir, 
     grid = tmp_path / "run" / "samples" / "validate.png"
     assert result["ok"] is True and Path(result["sample"]) == grid and grid.is_file()
     assert result["notes"]  # epsilon base, v/ZTSNR training: an info line, not an error
+    loaded = load_config(config, [])
+    assert bool(result["warnings"]) == (loaded.data.caption_dropout == 0 and loaded.sample.guidance_scale > 1)
     assert Image.open(grid).height == 14 + 2 * SAMPLE_SIZE  # base sampler row + training sampler row
 
 

@@ -118,7 +118,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import torch
 
     from sdxl_trainer.config import load_config
-    from sdxl_trainer.models.model_validator import build_pipeline, generate_samples, image_grid, require_valid_model
+    from sdxl_trainer.models.model_validator import (
+        build_pipeline,
+        generate_samples,
+        image_grid,
+        require_valid_model,
+        unconditional_branch_warnings,
+    )
     from sdxl_trainer.models.setup import freeze, load_components
     from sdxl_trainer.training.trainer import objective_from_config, sampling_kwargs
     from sdxl_trainer.utils.device import resolve_device
@@ -133,6 +139,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     notes = require_valid_model(components, objective.config)
     for note in notes:
         log.info("model check: %s", note)
+    warnings = unconditional_branch_warnings(components.scheduler_config, objective.config,
+                                             caption_dropout=config.data.caption_dropout,
+                                             guidance_scale=config.sample.guidance_scale)
+    for warning in warnings:
+        log.warning("model check: %s", warning)
     for module in (components.unet, components.vae, components.text_encoder, components.text_encoder_2):
         freeze(module)
     # The base model's own sampler shows what it can do now; the training sampler is what samples use.
@@ -147,7 +158,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(rows, list(samplers), config.sample.prompts).save(path)
     print(json.dumps({"ok": True, "model": components.source, "prediction_type": objective.config.prediction_type,
-                      "zero_terminal_snr": objective.config.zero_terminal_snr, "notes": notes, "sample": str(path)}))
+                      "zero_terminal_snr": objective.config.zero_terminal_snr, "notes": notes, "warnings": warnings,
+                      "sample": str(path)}))
     return EXIT_OK
 
 

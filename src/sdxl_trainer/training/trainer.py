@@ -25,6 +25,7 @@ from sdxl_trainer.models.model_validator import (
     require_valid_model,
     saved_scheduler_problems,
     to_uint8_hwc,
+    unconditional_branch_warnings,
     validation_loss,
 )
 from sdxl_trainer.models.setup import attention_backend, freeze, load_components, prepare_unet_for_training
@@ -190,6 +191,10 @@ class Trainer:
         # Before anything is cached: a model that cannot train or sample correctly stops here (exit 2).
         for note in require_valid_model(self.components, self.objective.config):
             log.info("model check: %s", note)
+        for warning in unconditional_branch_warnings(self.components.scheduler_config, self.objective.config,
+                                                     caption_dropout=cfg.data.caption_dropout,
+                                                     guidance_scale=cfg.sample.guidance_scale):
+            log.warning("model check: %s", warning)
         for module in (self.components.vae, self.components.text_encoder, self.components.text_encoder_2):
             freeze(module)
 
