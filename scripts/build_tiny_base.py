@@ -26,13 +26,15 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=TinyBaseRecipe.vae_steps)
     parser.add_argument("--unet-steps", type=int, default=TinyBaseRecipe.unet_steps)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="reuse the VAE of a pipeline folder built with the same VAE recipe (skips that stage)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup_logging()
     recipe = TinyBaseRecipe(vae_steps=args.vae_steps, unet_steps=args.unet_steps)
     with tempfile.TemporaryDirectory() as work:
         staging = Path(work) / "model"
-        figures = build_tiny_base(staging, Path(work), recipe)
+        figures = build_tiny_base(staging, Path(work), recipe, vae_from=args.vae_from)
         if args.out.exists():
             shutil.rmtree(args.out)
         args.out.parent.mkdir(parents=True, exist_ok=True)

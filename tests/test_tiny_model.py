@@ -194,3 +194,29 @@ def test_init_is_deterministic_given_seed():
         assert all(torch.equal(state[key], state_2[key]) for key in state)
         state_other = other.models()[name].state_dict()
         assert any(not torch.equal(state[key], state_other[key]) for key in state)
+
+
+def test_base_recipe_builds_a_pipeline_and_can_reuse_its_vae(tmp_path):
+    import json
+
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from sdxl_trainer.models.tiny_base import TinyBaseRecipe, build_tiny_base
+
+    recipe = TinyBaseRecipe(num_images=8, resolution=64, vae_steps=2, vae_batch_size=2, vae_crop=32, unet_steps=2, unet_batch_size=2)
+    first = tmp_path / "first"
+    figures = build_tiny_base(first, tmp_path / "work1", recipe)
+    assert all(torch.isfinite(torch.tensor(figures[key])) for key in ("vae_final_loss", "unet_final_loss", "vae_scaling_factor"))
+    assert StableDiffusionXLPipeline.from_pretrained(first, local_files_only=True).scheduler.config.prediction_type == "epsilon"
+
+    second = tmp_path / "second"
+    reused = build_tiny_base(second, tmp_path / "work2", recipe, vae_from=first)
+    assert reused["vae_reused"] is True and reused["vae_final_loss"] == figures["vae_final_loss"]
+    vae_file = "vae/diffusion_pytorch_model.safetensors"
+    before, after = load_file(first / vae_file), load_file(second / vae_file)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((second / "training.json").read_text())["figures"]["vae_reused"] is True
+    assert AutoencoderKL.from_pretrained(second / "vae").config.scaling_factor == pytest.approx(reused["vae_scaling_factor"])
+    with pytest.raises(ValueError, match="different VAE recipe"):
+        build_tiny_base(tmp_path / "third", tmp_path / "work3", TinyBaseRecipe(**{**recipe.__dict__, "vae_steps": 3}), vae_from=first)

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import EulerDiscreteScheduler
+from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
 from sdxl_trainer.data.buckets import BucketBatchSampler, assign_bucket, generate_buckets, prepare_image
 from sdxl_trainer.data.dataset import load_image_rgb, scan_folder
 from sdxl_trainer.data.demo import DEMO_WORDS, write_demo_dataset
 from sdxl_trainer.models.conditioning import batch_time_ids, encode_prompts
-from sdxl_trainer.models.tiny import build_tiny_components, save_as_pipeline
+from sdxl_trainer.models.tiny import VAE_SCALING_FACTOR, build_tiny_components, save_as_pipeline, tiny_vae_config
 from sdxl_trainer.training.loss import DiffusionObjective, ObjectiveConfig
 from sdxl_trainer.training.utils import unet_forward
 from sdxl_trainer.utils.logging import get_logger
@@ -44,10 +44,10 @@ class TinyBaseRecipe:
     vae_crop: int = 64
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 1500
+    unet_steps: int = 2500
     unet_batch_size: int = 8
     unet_learning_rate: float = 5e-4
-    text_encoder_learning_rate: float = 2e-4
+    text_encoder_learning_rate: float = 5e-4
     caption_dropout: float = 0.1
 
 
@@ -55,6 +55,10 @@ def _image_tensor(image) -> torch.Tensor:
     """PIL RGB -> [3, H, W] in [-1, 1] (the VAE's input range)."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _loss_window_mean(losses: list[float], head: bool) -> float:
@@ -169,18 +173,40 @@ def train_unet_and_text_encoders(components, data: dict, recipe: TinyBaseRecipe,
             "scheduler_config": objective.scheduler_config()}
 
 
-def build_tiny_base(out_dir: Path, work_dir: Path, recipe: TinyBaseRecipe = TinyBaseRecipe()) -> dict:
-    """Train the tiny base from scratch and save it as a diffusers pipeline folder with a card."""
+def build_tiny_base(out_dir: Path, work_dir: Path, recipe: TinyBaseRecipe = TinyBaseRecipe(), *, vae_from: Path | None = None) -> dict:
+    """Train the tiny base from scratch and save it as a diffusers pipeline folder with a card.
+
+    Each stage draws from its own generator (seed, seed + 1), so ``vae_from`` (a pipeline folder built
+    with the same recipe) skips the VAE stage and gives the same UNet stage as a full build.
+    """
     start = time.perf_counter()
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    generator = torch.Generator().manual_seed(recipe.seed)
     data_root = write_demo_dataset(work_dir / "data", num_images=recipe.num_images, resolution=recipe.resolution, seed=recipe.seed + 1)
     scan = scan_folder(data_root)
     components = build_tiny_components(DEMO_WORDS, seed=recipe.seed)
 
-    full_images = [_image_tensor(load_image_rgb(record.path)) for record in scan.records]
-    figures = train_vae(components.vae, full_images, recipe, generator)
+    if vae_from is None:
+        full_images = [_image_tensor(load_image_rgb(record.path)) for record in scan.records]
+        figures = train_vae(components.vae, full_images, recipe, torch.Generator().manual_seed(recipe.seed))
+    else:
+        previous = json.loads((Path(vae_from) / "training.json").read_text(encoding="utf-8"))
+        mismatched = {key: (previous["recipe"].get(key), value) for key, value in asdict(recipe).items()
+                      if key.startswith("vae_") or key in ("seed", "num_images", "resolution")
+                      if previous["recipe"].get(key) != value}
+        if mismatched:
+            raise ValueError(f"{vae_from} was built with a different VAE recipe (theirs, ours): {mismatched}")
+        saved = json.loads((Path(vae_from) / "vae" / "config.json").read_text(encoding="utf-8"))
+        architecture = {key: (saved.get(key), value) for key, value in tiny_vae_config().items()
+                        if key != "scaling_factor" and _as_list(saved.get(key)) != _as_list(value)}
+        if architecture:
+            raise ValueError(f"{vae_from}/vae has a different architecture than tiny_vae_config() (theirs, ours): {architecture}")
+        components.vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae", torch_dtype=torch.float32)
+        components.vae.register_to_config(scaling_factor=VAE_SCALING_FACTOR)  # re-measured below, as in a full build
+        components.vae.eval().requires_grad_(False)
+        figures = {key: previous["figures"][key] for key in ("vae_initial_loss", "vae_final_loss")}
+        figures["vae_reused"] = True
+    generator = torch.Generator().manual_seed(recipe.seed + 1)
 
     buckets = generate_buckets(recipe.resolution, step=64)
     bucket_index = {bucket: k for k, bucket in enumerate(buckets)}
@@ -208,6 +234,10 @@ def build_tiny_base(out_dir: Path, work_dir: Path, recipe: TinyBaseRecipe = Tiny
     return figures
 
 
+def _reuse_note(figures: dict) -> str:
+    return " (UNet stage only: the VAE was reused from an earlier build of the same VAE recipe)" if figures.get("vae_reused") else ""
+
+
 def _card(recipe: TinyBaseRecipe, figures: dict) -> str:
     return f"""---
 license: apache-2.0
@@ -230,5 +260,5 @@ Weights are stored in float16.
 | VAE (L1 + MSE reconstruction, KL {recipe.vae_kl_weight}) | {recipe.vae_steps} | {recipe.vae_batch_size} x {recipe.vae_crop}px | {figures['vae_initial_loss']:.4f} | {figures['vae_final_loss']:.4f} |
 | UNet + text encoders (epsilon MSE) | {recipe.unet_steps} | {recipe.unet_batch_size} | {figures['unet_initial_loss']:.4f} | {figures['unet_final_loss']:.4f} |
 
-Measured VAE scaling factor: {figures['vae_scaling_factor']:.5f}. Total build time: {figures['wall_seconds']} s (2 CPU cores).
+Measured VAE scaling factor: {figures['vae_scaling_factor']:.5f}. Build time: {figures['wall_seconds']} s on 2 CPU cores{_reuse_note(figures)}.
 """
