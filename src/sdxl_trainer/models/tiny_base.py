@@ -173,11 +173,32 @@ def train_unet_and_text_encoders(components, data: dict, recipe: TinyBaseRecipe,
             "scheduler_config": objective.scheduler_config()}
 
 
+def load_reused_vae(vae_from: Path, recipe: TinyBaseRecipe) -> tuple[AutoencoderKL, dict]:
+    """The frozen VAE of an earlier build and its stage figures; refused unless recipe and architecture match."""
+    previous = json.loads((vae_from / "training.json").read_text(encoding="utf-8"))
+    mismatched = {key: (previous["recipe"].get(key), value) for key, value in asdict(recipe).items()
+                  if key.startswith("vae_") or key in ("seed", "num_images", "resolution")
+                  if previous["recipe"].get(key) != value}
+    if mismatched:
+        raise ValueError(f"{vae_from} was built with a different VAE recipe (theirs, ours): {mismatched}")
+    saved = json.loads((vae_from / "vae" / "config.json").read_text(encoding="utf-8"))
+    architecture = {key: (saved.get(key), value) for key, value in tiny_vae_config().items()
+                    if key != "scaling_factor" and _as_list(saved.get(key)) != _as_list(value)}
+    if architecture:
+        raise ValueError(f"{vae_from}/vae has a different architecture than tiny_vae_config() (theirs, ours): {architecture}")
+    vae = AutoencoderKL.from_pretrained(vae_from / "vae", torch_dtype=torch.float32)
+    vae.register_to_config(scaling_factor=VAE_SCALING_FACTOR)  # re-measured by the caller, as in a full build
+    vae.eval().requires_grad_(False)
+    figures = {key: previous["figures"][key] for key in ("vae_initial_loss", "vae_final_loss")}
+    return vae, {**figures, "vae_reused": True}
+
+
 def build_tiny_base(out_dir: Path, work_dir: Path, recipe: TinyBaseRecipe = TinyBaseRecipe(), *, vae_from: Path | None = None) -> dict:
     """Train the tiny base from scratch and save it as a diffusers pipeline folder with a card.
 
     Each stage draws from its own generator (seed, seed + 1), so ``vae_from`` (a pipeline folder built
-    with the same recipe) skips the VAE stage and gives the same UNet stage as a full build.
+    with the same VAE recipe) skips the VAE stage and gives the UNet stage of a full build, up to the
+    float16 rounding of the stored VAE.
     """
     start = time.perf_counter()
     random.seed(recipe.seed)
@@ -190,22 +211,7 @@ def build_tiny_base(out_dir: Path, work_dir: Path, recipe: TinyBaseRecipe = Tiny
         full_images = [_image_tensor(load_image_rgb(record.path)) for record in scan.records]
         figures = train_vae(components.vae, full_images, recipe, torch.Generator().manual_seed(recipe.seed))
     else:
-        previous = json.loads((Path(vae_from) / "training.json").read_text(encoding="utf-8"))
-        mismatched = {key: (previous["recipe"].get(key), value) for key, value in asdict(recipe).items()
-                      if key.startswith("vae_") or key in ("seed", "num_images", "resolution")
-                      if previous["recipe"].get(key) != value}
-        if mismatched:
-            raise ValueError(f"{vae_from} was built with a different VAE recipe (theirs, ours): {mismatched}")
-        saved = json.loads((Path(vae_from) / "vae" / "config.json").read_text(encoding="utf-8"))
-        architecture = {key: (saved.get(key), value) for key, value in tiny_vae_config().items()
-                        if key != "scaling_factor" and _as_list(saved.get(key)) != _as_list(value)}
-        if architecture:
-            raise ValueError(f"{vae_from}/vae has a different architecture than tiny_vae_config() (theirs, ours): {architecture}")
-        components.vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae", torch_dtype=torch.float32)
-        components.vae.register_to_config(scaling_factor=VAE_SCALING_FACTOR)  # re-measured below, as in a full build
-        components.vae.eval().requires_grad_(False)
-        figures = {key: previous["figures"][key] for key in ("vae_initial_loss", "vae_final_loss")}
-        figures["vae_reused"] = True
+        components.vae, figures = load_reused_vae(Path(vae_from), recipe)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
 
     buckets = generate_buckets(recipe.resolution, step=64)
