@@ -47,6 +47,19 @@ def _scheduler(config: dict[str, Any], scheduler_class: type[EulerDiscreteSchedu
     return scheduler_class.from_config(config)
 
 
+def _worst_schedule_difference(sampled: torch.Tensor, trained: torch.Tensor) -> int | None:
+    """The timestep where two same-length alphas_cumprod differ most, or None when they agree."""
+    difference = (sampled - trained).abs()
+    worst = int(difference.argmax())
+    return worst if float(difference[worst]) > ALPHAS_CUMPROD_ATOL else None
+
+
+def _schedules_differ(scheduler: EulerDiscreteScheduler, objective: DiffusionObjective) -> bool:
+    sampled = scheduler.alphas_cumprod.to(torch.float32)
+    trained = objective.alphas_cumprod.to(torch.float32)
+    return sampled.shape != trained.shape or _worst_schedule_difference(sampled, trained) is not None
+
+
 def scheduler_mismatches(scheduler_config: dict[str, Any], objective_config: ObjectiveConfig, *, what: str) -> list[str]:
     """How an Euler sampler built from ``scheduler_config`` differs from the training objective.
 
@@ -75,9 +88,8 @@ def scheduler_mismatches(scheduler_config: dict[str, Any], objective_config: Obj
             f"set num_train_timesteps={trained.shape[0]} ({fix})"
         )
     else:
-        difference = (sampled - trained).abs()
-        worst = int(difference.argmax())
-        if float(difference[worst]) > ALPHAS_CUMPROD_ATOL:
+        worst = _worst_schedule_difference(sampled, trained)
+        if worst is not None:
             problems.append(
                 f"{what} uses a different noise schedule than training (alphas_cumprod at t={worst}: "
                 f"{float(sampled[worst]):.6g} vs trained {float(trained[worst]):.6g}): use the trained "
@@ -220,11 +232,10 @@ def unconditional_branch_warnings(saved_config: dict[str, Any], objective_config
     if caption_dropout > 0.0 or guidance_scale <= 1.0:
         return []
     changed = []
-    base_prediction = _scheduler(saved_config).config.prediction_type
-    if base_prediction != objective_config.prediction_type:
-        changed.append(f"prediction type {base_prediction} -> {objective_config.prediction_type}")
-    differences = scheduler_mismatches(saved_config, objective_config, what="the base")
-    if any("noise schedule" in difference for difference in differences):
+    base = _scheduler(saved_config)
+    if base.config.prediction_type != objective_config.prediction_type:
+        changed.append(f"prediction type {base.config.prediction_type} -> {objective_config.prediction_type}")
+    if _schedules_differ(base, DiffusionObjective(objective_config)):
         changed.append("noise schedule")
     if not changed:
         return []
